@@ -1,0 +1,38 @@
+# visiontune: `make run` runs the pipeline on the embedded defaults, `make test` runs the tests.
+SHELL := bash
+.SHELLFLAGS := -eo pipefail -c
+VENV ?= .venv
+BIN := $(abspath $(VENV))/bin
+STAMP := $(VENV)/.installed-stamp
+export PATH := $(BIN):$(PATH)
+# pip's index configuration on some machines warns about every missing local index entry
+QUIET_PIP := grep -v "is ignored: it is neither a file nor a directory" || true
+
+.PHONY: install run test lint mlflow-ui clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip 2>&1 | $(QUIET_PIP)
+	$(BIN)/pip install --quiet -e ".[test]" 2>&1 | $(QUIET_PIP)
+	$(BIN)/python -c "import visiontune.components, visiontune.pipelines, torch, timm, mlflow, prefect"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: install
+	dvc repro
+	visiontune summary
+
+test: install
+	python -m pytest
+
+lint: install
+	ruff check components pipelines tests bench
+	ruff format --check components pipelines tests bench
+
+mlflow-ui: install
+	mlflow server --backend-store-uri sqlite:///mlflow.db --default-artifact-root ./mlartifacts \
+		--host 127.0.0.1 --port 5000
+
+clean:
+	rm -rf data/prepared

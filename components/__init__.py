@@ -1,0 +1,1 @@
+"""visiontune components: the pipeline's steps as plain typed functions (no Prefect, no DVC)."""

@@ -1,0 +1,135 @@
+"""Typed, frozen configuration: one model per params.yaml section.
+
+Imported by the CLI and the Prefect flow, which parse params.yaml once at the entry point;
+nothing below them sees a raw dict.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from .errors import VisiontuneError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class Section(BaseModel):
+    """A params.yaml section: immutable, and an unknown key is an error."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class BaseConfig(Section):
+    seed: int = 0
+
+
+class DataConfig(Section):
+    # 'builtin:digits', an image folder (<root>/<class>/...), or a CSV (path,label[,split])
+    source: str = "builtin:digits"
+    val_fraction: float = Field(0.15, ge=0.0, lt=1.0)
+    test_fraction: float = Field(0.15, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _fractions_leave_training_data(self) -> DataConfig:
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError("val_fraction + test_fraction must be below 1 to leave training images")
+        return self
+
+
+class ValidateConfig(Section):
+    min_per_class: int = Field(5, ge=1)
+    max_pixels: int = Field(89_478_485, ge=1)  # Pillow's decompression-bomb default
+    on_fail: Literal["error", "warn"] = "error"
+
+
+class ModelConfig(Section):
+    name: str = "tf_efficientnet_lite0"  # any timm model name
+    image_size: int | None = Field(None, ge=16)  # None: the model's pretrained input size
+    pretrained: bool = True
+    weights: str | None = None  # local weights file (.safetensors, .pth, .bin) for model.name
+
+
+class TrainConfig(Section):
+    method: Literal["full"] = "full"
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-3, gt=0)  # backbone lr (AdamW)
+    head_lr_scale: float = Field(3.0, gt=0)  # the new head learns this many times faster
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_epochs: float = Field(1.0, ge=0)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    patience: int = Field(3, ge=1)  # epochs without val-loss improvement before stopping
+    min_delta: float = Field(0.0, ge=0)
+    hflip: bool = False  # off by default: mirrored digits, text or scans change class
+    crop_scale: float = Field(0.8, gt=0, le=1)  # smallest random-crop area kept, as a fraction
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+
+
+class EvaluateConfig(Section):
+    batch_size: int = Field(64, ge=1)
+
+
+class ExportConfig(Section):
+    opset: int = Field(17, ge=17)
+    atol: float = Field(1e-4, gt=0)  # max abs logit difference, onnxruntime vs torch
+
+
+class RegisterConfig(Section):
+    model_name: str = "visiontune-classifier"
+    experiment: str = "visiontune"
+    alias: str = "candidate"
+
+
+class Params(Section):
+    base: BaseConfig = BaseConfig()
+    data: DataConfig = DataConfig()
+    validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    export: ExportConfig = ExportConfig()
+    register_: RegisterConfig = Field(RegisterConfig(), alias="register")
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    def flat(self) -> dict[str, Any]:
+        """Every key as 'section.key', as MLflow params and DVC show them."""
+        out: dict[str, Any] = {}
+        for section, values in self.model_dump(by_alias=True).items():
+            for key, value in values.items():
+                out[f"{section}.{key}"] = value
+        return out
+
+
+class ConfigError(VisiontuneError, ValueError):
+    """params.yaml is missing, malformed, or holds an unknown or invalid key."""
+
+
+def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
+    """Parse params.yaml into Params; `overrides` maps 'section.key' to a value."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: not found; run from the project root or pass --params") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected sections (base, data, model, ...), got {type(raw).__name__}")
+    for dotted, value in (overrides or {}).items():
+        section, _, key = dotted.partition(".")
+        if not key:
+            raise ConfigError(f"override {dotted!r}: write it as section.key, e.g. train.lr")
+        raw.setdefault(section, {})[key] = value
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"])
+            if err["type"] == "extra_forbidden":
+                lines.append(f"  {where}: unknown key; check its spelling against the README")
+            else:
+                lines.append(f"  {where}: {err['msg']}")
+        raise ConfigError(f"{path}: invalid params\n" + "\n".join(lines)) from None

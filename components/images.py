@@ -1,0 +1,111 @@
+"""The one preprocessing path: decode, orientation and mode handling, resize, normalize.
+
+prepare, train, evaluate, export and predict all call these functions, so an image is turned
+into model input the same way everywhere. Imported, never run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from .errors import VisiontuneError
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
+
+
+class ImageDecodeError(VisiontuneError, ValueError):
+    """An image file that cannot be decoded; the message names the file and the reason."""
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grayscale: scale to 8 bits
+        arr = np.asarray(img, dtype=np.float64)
+        hi = float(arr.max()) or 1.0
+        img = Image.fromarray((arr * (255.0 / hi)).clip(0, 255).astype(np.uint8), mode="L")
+    elif img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        scale = 255.0 / (hi - lo) if hi > lo else 0.0
+        img = Image.fromarray(((arr - lo) * scale).astype(np.uint8), mode="L")
+    if img.mode == "P":  # palette: expand, keeping transparency so it is composited below
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA"):  # transparent pixels over white, as viewers show them
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB")
+
+
+def load_image(path: str | Path, max_pixels: int | None = None) -> Image.Image:
+    """Decode an image fully as RGB, EXIF orientation applied; raise ImageDecodeError if unusable."""
+    path = Path(path)
+    previous = Image.MAX_IMAGE_PIXELS
+    if max_pixels is not None:
+        Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        with Image.open(path) as img:
+            img.load()  # forces a full decode: truncated files fail here, not later
+            img = ImageOps.exif_transpose(img)
+            rgb = _to_rgb(img)
+    except FileNotFoundError:
+        raise ImageDecodeError(f"{path}: file not found") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageDecodeError(f"{path}: too many pixels ({exc}); raise validate.max_pixels") from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        size = path.stat().st_size if path.exists() else 0
+        reason = "empty file" if size == 0 else f"cannot decode: {exc}"
+        raise ImageDecodeError(f"{path}: {reason}") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+    return rgb
+
+
+def resize(img: Image.Image, size: int) -> np.ndarray:
+    """Shorter side to `size` (bicubic, antialiased), centre crop to size×size; uint8 HWC."""
+    w, h = img.size
+    scale = size / min(w, h)
+    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+    img = img.resize((new_w, new_h), Image.Resampling.BICUBIC, reducing_gap=None)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
+
+
+def load_resized(path: str | Path, size: int, max_pixels: int | None = None) -> np.ndarray:
+    """Decode and resize one image file: uint8 HWC, size×size×3."""
+    return resize(load_image(path, max_pixels), size)
+
+
+def load_batch(paths: Sequence[str | Path], size: int) -> np.ndarray:
+    """Decode and resize many image files into one uint8 NHWC array (threads: PIL drops the GIL)."""
+    out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
+
+    def fill(i: int) -> None:
+        out[i] = load_resized(paths[i], size)
+
+    with ThreadPoolExecutor(max_workers=min(8, 2 * (os.cpu_count() or 1))) as pool:
+        list(pool.map(fill, range(len(paths))))
+    return out
+
+
+def normalize(batch: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """uint8 NHWC → float32 NCHW, scaled to [0, 1] then standardized by mean and std."""
+    x = batch.astype(np.float32).transpose(0, 3, 1, 2) / np.float32(255.0)
+    m = np.asarray(mean, dtype=np.float32).reshape(1, 3, 1, 1)
+    s = np.asarray(std, dtype=np.float32).reshape(1, 3, 1, 1)
+    return np.ascontiguousarray((x - m) / s)

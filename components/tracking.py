@@ -1,0 +1,163 @@
+"""Tracking and registry: the only module that imports mlflow.
+
+`register` logs one trained candidate (params, lineage, per-epoch and evaluation metrics,
+plots, the validation report, the checkpoint and the ONNX model) as one MLflow run, registers
+the ONNX model as a new version and points the alias at it. Called by `visiontune register`
+and the flow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import RegisterConfig
+
+DEFAULT_DB = "mlflow.db"  # embedded store: a SQLite file and an artifact folder in the project
+DEFAULT_ARTIFACTS = "mlartifacts"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """Everything a trained candidate left on disk, by path."""
+
+    params: dict[str, Any]
+    prepare: Path  # prepare.json
+    validation: Path  # folder with report.json and report.md
+    checkpoint: Path  # folder with model.safetensors, checkpoint.json, history.csv
+    evaluation: Path  # folder with metrics.json and plots
+    onnx: Path
+
+
+@dataclass(frozen=True)
+class RegisterResult:
+    tracking_uri: str
+    experiment_id: str
+    run_id: str
+    model_name: str
+    version: str
+    alias: str
+    model_uri: str
+
+
+def tracking_uri(project: Path | None = None) -> str:
+    """MLFLOW_TRACKING_URI when set, else the embedded SQLite store in the project folder."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    return f"sqlite:///{(project or Path.cwd()).absolute() / DEFAULT_DB}"
+
+
+def _git(*args: str) -> str | None:
+    try:
+        done = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, check=True)
+        return done.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def lineage() -> dict[str, str]:
+    """Git commit and whether the working tree had uncommitted changes."""
+    commit = _git("rev-parse", "HEAD")
+    dirty = _git("status", "--porcelain", "--untracked-files=no")
+    return {
+        "git_commit": commit or "unknown",
+        "git_dirty": "unknown" if dirty is None else str(bool(dirty)).lower(),
+    }
+
+
+def _history_metrics(history_csv: Path) -> list:
+    import csv
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = []
+    with open(history_csv) as fh:
+        for row in csv.DictReader(fh):
+            step = int(row.pop("epoch"))
+            metrics += [Metric(key=k, value=float(v), timestamp=now, step=step) for k, v in row.items()]
+    return metrics
+
+
+def register(cfg: RegisterConfig, candidate: Candidate, out: Path) -> RegisterResult:
+    """Log the candidate as one MLflow run and register its ONNX model with alias cfg.alias."""
+    import mlflow
+    import mlflow.onnx
+    import numpy as np
+    import onnx
+    from mlflow.models.signature import ModelSignature
+    from mlflow.tracking import MlflowClient
+    from mlflow.types.schema import Schema, TensorSpec
+
+    out.mkdir(parents=True, exist_ok=True)
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(cfg.experiment)
+    if experiment is None:
+        location = None
+        if uri.startswith("sqlite:///"):
+            location = (Path.cwd() / DEFAULT_ARTIFACTS).absolute().as_uri()
+        experiment_id = client.create_experiment(cfg.experiment, artifact_location=location)
+    else:
+        experiment_id = experiment.experiment_id
+
+    prepared = json.loads(candidate.prepare.read_text())
+    train_meta = json.loads((candidate.checkpoint / "checkpoint.json").read_text())
+    metrics = json.loads((candidate.evaluation / "metrics.json").read_text())
+    tags = {
+        **lineage(),
+        "manifest_sha256": prepared["manifest_sha256"],
+        "data_source": str(candidate.params.get("data.source")),
+        "model_name": train_meta["architecture"],
+        "method": str(candidate.params.get("train.method")),
+    }
+    run_name = f"{train_meta['architecture']}-{tags['method']}"
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags) as run:
+        run_id = run.info.run_id
+        mlflow.log_params({k: "" if v is None else v for k, v in candidate.params.items()})
+        history = _history_metrics(candidate.checkpoint / "history.csv")
+        for i in range(0, len(history), 900):  # one request per 900 values, not one per value
+            client.log_batch(run_id, metrics=history[i : i + 900])
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+        mlflow.log_artifacts(str(candidate.validation), "validation")
+        for path in sorted(candidate.evaluation.iterdir()):
+            if path.is_file():
+                mlflow.log_artifact(str(path), "evaluation")
+        mlflow.log_artifacts(str(candidate.checkpoint), "checkpoint")
+
+        size = train_meta["preprocessing"]["size"]
+        signature = ModelSignature(
+            inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, size, size), "input")]),
+            outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, len(train_meta["class_names"])), "logits")]),
+        )
+        info = mlflow.onnx.log_model(
+            onnx.load(str(candidate.onnx)),
+            name="model",
+            signature=signature,
+            registered_model_name=cfg.model_name,
+            save_as_external_data=False,
+            onnx_execution_providers=["CPUExecutionProvider"],
+            metadata={"class_names": train_meta["class_names"], "preprocessing": train_meta["preprocessing"]},
+        )
+    version = str(info.registered_model_version)
+    client.set_registered_model_alias(cfg.model_name, cfg.alias, version)
+    for key, value in {**tags, **{k: f"{v:.6g}" for k, v in metrics.items()}}.items():
+        client.set_model_version_tag(cfg.model_name, version, key, value)
+    result = RegisterResult(
+        tracking_uri=uri,
+        experiment_id=experiment_id,
+        run_id=run_id,
+        model_name=cfg.model_name,
+        version=version,
+        alias=cfg.alias,
+        model_uri=f"models:/{cfg.model_name}@{cfg.alias}",
+    )
+    (out / "registration.json").write_text(json.dumps(asdict(result), indent=2))
+    return result

@@ -1,0 +1,1 @@
+"""visiontune pipelines: the CLI, the Prefect flow and their entry points."""

@@ -1,0 +1,121 @@
+"""The `visiontune` command: one subcommand per stage (what dvc.yaml calls), plus the flow.
+
+Run as `visiontune --help`. Heavy libraries are imported inside the commands that use them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+
+from visiontune.components.config import Params, load_params
+from visiontune.components.errors import VisiontuneError
+
+from . import stages
+
+app = typer.Typer(
+    help="Fine-tune pretrained image classifiers: prepare → validate → train → evaluate → export → register.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+ParamsOpt = Annotated[Path, typer.Option("--params", help="params.yaml to read.")]
+RootOpt = Annotated[Path, typer.Option("--root", help="Folder the stages write under.")]
+SetOpt = Annotated[
+    list[str] | None, typer.Option("--set", "-S", help="Override a param: section.key=value (repeatable).")
+]
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """'train.lr=3e-4' → {'train.lr': 0.0003}; values are parsed as YAML scalars."""
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise VisiontuneError(f"--set {item!r}: write it as section.key=value, e.g. train.lr=3e-4")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def _run_stage(name: str, params_path: Path, root: Path, overrides: list[str] | None = None) -> None:
+    try:
+        params = load_params(params_path, parse_overrides(overrides))
+        result = stages.STAGES[name](params, stages.Layout(root))
+    except VisiontuneError as exc:
+        typer.secho(f"visiontune {name}: {exc}", fg="red", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(json.dumps(dataclasses.asdict(result), indent=2, default=str))
+
+
+def _stage_command(name: str, summary: str) -> None:
+    def command(
+        params: ParamsOpt = Path("params.yaml"),
+        root: RootOpt = Path("data/prepared"),
+        set_: SetOpt = None,
+    ) -> None:
+        _run_stage(name, params, root, set_)
+
+    command.__doc__ = summary
+    app.command(name)(command)
+
+
+_stage_command("prepare", "Ingest data.source, decode-check every image, split, write the manifest.")
+_stage_command("validate", "Check the manifest (schema, unreadable images, class counts) and apply the gate.")
+_stage_command("train", "Fine-tune model.name on the train split; keep the best-val-loss checkpoint.")
+_stage_command("evaluate", "Score the checkpoint on the test split: metrics.json and plots.")
+_stage_command("export", "Export ONNX, run onnx.checker and onnxruntime-vs-PyTorch parity.")
+_stage_command("register", "Log the candidate to MLflow and register its ONNX model (alias from params).")
+
+
+@app.command()
+def run(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path("data/prepared"), set_: SetOpt = None) -> None:
+    """Run the whole pipeline as a Prefect flow (ephemeral: no server needed)."""
+    try:
+        overrides = parse_overrides(set_)
+        load_params(params, overrides)  # fail on a bad params.yaml before Prefect starts
+        from .flow import training_pipeline
+
+        training_pipeline(params_path=str(params), root=str(root), overrides=overrides)
+    except VisiontuneError as exc:
+        typer.secho(f"visiontune run: {exc}", fg="red", err=True)
+        raise typer.Exit(1) from None
+    summary(root)
+
+
+@app.command()
+def summary(root: RootOpt = Path("data/prepared")) -> None:
+    """Print where the last run's results are, and how to open the MLflow UI."""
+    layout = stages.Layout(root)
+    lines = ["", "visiontune results"]
+    metrics_path = layout.evaluate / "metrics.json"
+    if metrics_path.exists():
+        metrics = json.loads(metrics_path.read_text())
+        shown = ", ".join(f"{k.removeprefix('test_')} {v:.4f}" for k, v in metrics.items() if k != "test_images")
+        lines.append(f"  test metrics    {metrics_path}  ({shown}; {metrics.get('test_images')} images)")
+    for plot in sorted(layout.evaluate.glob("*.png")):
+        lines.append(f"  plot            {plot}")
+    lines.append(f"  loss curves     dvc plots show   (data: {layout.train / 'history.csv'})")
+    onnx = layout.export / "model.onnx"
+    if onnx.exists():
+        lines.append(f"  ONNX model      {onnx}")
+    reg_path = layout.register / "registration.json"
+    if reg_path.exists():
+        reg = json.loads(reg_path.read_text())
+        lines.append(f"  MLflow run      {reg['run_id']}  (experiment {reg['experiment_id']}, {reg['tracking_uri']})")
+        lines.append(f"  model version   {reg['model_name']} v{reg['version']}  ({reg['model_uri']})")
+    lines.append("  MLflow UI       make mlflow-ui, then open http://127.0.0.1:5000")
+    typer.echo("\n".join(lines))
+
+
+def main() -> None:  # pragma: no cover - console entry
+    app(prog_name="visiontune")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

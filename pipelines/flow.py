@@ -1,0 +1,50 @@
+"""The Prefect flow `training-pipeline`: the same stage functions as `dvc repro`, as tasks.
+
+Run with `visiontune run` (ephemeral Prefect: no server needed) or import `training_pipeline`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task
+from prefect.cache_policies import NONE
+
+from visiontune.components.config import Params, load_params
+
+from . import stages
+
+
+def _task(name: str, **options):
+    return task(stages.STAGES[name], name=name, cache_policy=NONE, **options)
+
+
+prepare = _task("prepare")
+validate = _task("validate")
+train = _task("train")  # no retries: a failed training run is a result to look at, not a blip
+evaluate = _task("evaluate")
+export = _task("export")
+register = _task("register", retries=2, retry_delay_seconds=5)  # the tracking server is I/O
+
+
+@flow(name="training-pipeline", log_prints=True)
+def training_pipeline(
+    params_path: str = "params.yaml", root: str = "data/prepared", overrides: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """prepare → validate → train → evaluate → export → register, on params.yaml (+ overrides)."""
+    params: Params = load_params(params_path, overrides)
+    layout = stages.Layout(Path(root))
+    prepare(params, layout)
+    validate(params, layout)
+    trained = train(params, layout)
+    evaluated = evaluate(params, layout)
+    exported = export(params, layout)
+    registered = register(params, layout)
+    return {
+        "train": trained,
+        "metrics": evaluated.metrics,
+        "onnx": exported.onnx,
+        "model_uri": registered.model_uri,
+        "version": registered.version,
+    }

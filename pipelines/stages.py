@@ -1,0 +1,98 @@
+"""Stage wiring shared by the CLI (one stage per `dvc repro` process) and the Prefect flow.
+
+Each function takes the parsed Params and the output layout and calls one component; the
+heavy libraries are imported inside, so that light commands start at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from visiontune.components.config import Params
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each stage writes, under one root (data/prepared by default)."""
+
+    root: Path = Path("data/prepared")
+
+    @property
+    def prepare(self) -> Path:
+        return self.root / "prepare"
+
+    @property
+    def validate(self) -> Path:
+        return self.root / "validate"
+
+    @property
+    def train(self) -> Path:
+        return self.root / "train"
+
+    @property
+    def evaluate(self) -> Path:
+        return self.root / "evaluate"
+
+    @property
+    def export(self) -> Path:
+        return self.root / "export"
+
+    @property
+    def register(self) -> Path:
+        return self.root / "register"
+
+
+def prepare(params: Params, layout: Layout):
+    from visiontune.components.prepare import prepare as run
+
+    return run(params.data, params.base, params.validate_.max_pixels, layout.prepare)
+
+
+def validate(params: Params, layout: Layout):
+    from visiontune.components.validate import validate as run
+
+    return run(params.validate_, layout.prepare, layout.validate)
+
+
+def train(params: Params, layout: Layout):
+    from visiontune.components.train import train as run
+
+    return run(params.train, params.model, params.base, layout.prepare, layout.train)
+
+
+def evaluate(params: Params, layout: Layout):
+    from visiontune.components.evaluate import evaluate as run
+
+    return run(params.evaluate, layout.prepare, layout.train, layout.evaluate)
+
+
+def export(params: Params, layout: Layout):
+    from visiontune.components.export import export as run
+
+    return run(params.export, layout.prepare, layout.train, layout.export)
+
+
+def register(params: Params, layout: Layout):
+    from visiontune.components.tracking import Candidate
+    from visiontune.components.tracking import register as run
+
+    candidate = Candidate(
+        params=params.flat(),
+        prepare=layout.prepare / "prepare.json",
+        validation=layout.validate,
+        checkpoint=layout.train,
+        evaluation=layout.evaluate,
+        onnx=layout.export / "model.onnx",
+    )
+    return run(params.register_, candidate, layout.register)
+
+
+STAGES = {
+    "prepare": prepare,
+    "validate": validate,
+    "train": train,
+    "evaluate": evaluate,
+    "export": export,
+    "register": register,
+}
