@@ -1,0 +1,77 @@
+"""Models: the embedded Lite0 weights really are ImageNet weights; other weights load or fail clearly."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from visiontune.components import images
+from visiontune.components import model as models
+from visiontune.components.config import ModelConfig
+
+
+def _top5(model, prep, photo) -> list[int]:
+    x = images.normalize(images.resize(Image.fromarray(photo), 224)[None], prep.mean, prep.std)
+    return np.argsort(-models.predict_logits(model, iter([x]))[0])[:5].tolist()
+
+
+def test_embedded_lite0_classifies_real_photos():
+    skimage_data = pytest.importorskip("skimage.data")
+    model, prep = models.create(ModelConfig(), num_classes=1000)
+    assert prep.mean == (0.5, 0.5, 0.5) and prep.size == 224
+    assert 281 <= _top5(model, prep, skimage_data.chelsea())[0] <= 285  # a cat
+    assert _top5(model, prep, skimage_data.coffee())[0] in (967, 968)  # espresso / cup
+
+
+def test_new_head_has_num_classes_and_image_size_follows_config():
+    model, prep = models.create(ModelConfig(image_size=64), num_classes=7)
+    assert model(torch.zeros(2, 3, 64, 64)).shape == (2, 7)
+    assert prep.size == 64
+
+
+def test_no_weights_lists_the_options(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(models.WeightsUnavailable) as err:
+        models.create(ModelConfig(name="resnet18"), num_classes=3)
+    msg = str(err.value)
+    for option in ("model.weights", "tf_efficientnet_lite0", "Hugging Face Hub", "pretrained: false"):
+        assert option in msg
+
+
+def test_local_weights_file_is_loaded(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    source = timm.create_model("resnet18", pretrained=False)
+    path = tmp_path / "resnet18.safetensors"
+    save_file(source.state_dict(), path)
+    model, prep = models.create(ModelConfig(name="resnet18", weights=str(path)), num_classes=4)
+    assert torch.equal(model.conv1.weight, source.conv1.weight)
+    assert model.get_classifier().out_features == 4
+    assert prep.mean == pytest.approx((0.485, 0.456, 0.406))
+
+
+def test_missing_weights_file_and_unknown_model_are_clear(tmp_path):
+    with pytest.raises(models.WeightsUnavailable, match="does not exist"):
+        models.create(ModelConfig(name="resnet18", weights=str(tmp_path / "no.pth")), 3)
+    with pytest.raises(Exception, match="not a timm model"):
+        models.create(ModelConfig(name="resnet_eighteen"), 3)
+
+
+def test_random_init_only_when_asked():
+    model, _ = models.create(ModelConfig(name="resnet18", pretrained=False), num_classes=3)
+    assert model.get_classifier().out_features == 3
+
+
+def test_checkpoint_round_trip_rebuilds_the_same_model(tmp_path):
+    model, prep = models.create(ModelConfig(image_size=32), num_classes=3)
+    model.eval()
+    meta = models.checkpoint_meta("tf_efficientnet_lite0", ["a", "b", "c"], prep, {"k": 1})
+    models.save_checkpoint(model, tmp_path, meta)
+    assert not list(tmp_path.glob("*.pt")) and not list(tmp_path.glob("*.pkl"))
+    loaded, loaded_meta = models.load_checkpoint(tmp_path)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(model(x), loaded(x))
+    assert loaded_meta["class_names"] == ["a", "b", "c"]
+    assert models.preprocessing_of(loaded_meta) == prep
