@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from .errors import VisiontuneError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import VisiontuneError
 
 
 class Section(BaseModel):

@@ -89,7 +89,14 @@ def _plot_confusion(cm: np.ndarray, class_names: list[str], out: Path) -> Path:
     if len(class_names) <= 30:
         for (i, j), v in np.ndenumerate(cm):
             if v:
-                ax.text(j, i, str(v), ha="center", va="center", color="white" if norm[i, j] > 0.5 else "black")
+                ax.text(
+                    j,
+                    i,
+                    str(v),
+                    ha="center",
+                    va="center",
+                    color="white" if norm[i, j] > 0.5 else "black",
+                )
     ax.set_title("test confusion matrix (colour: row-normalized)")
     fig.tight_layout()
     path = out / "confusion_matrix.png"
@@ -108,10 +115,14 @@ def evaluate(cfg: EvaluateConfig, prepared: Path, checkpoint: Path, out: Path) -
     frame = manifest.read(prepared / "manifest.csv")
     test = frame[frame["split"] == "test"]
     if test.empty:
-        raise VisiontuneError(f"{prepared / 'manifest.csv'}: the test split is empty; raise data.test_fraction")
+        raise VisiontuneError(
+            f"{prepared / 'manifest.csv'}: the test split is empty; raise data.test_fraction"
+        )
     unknown = sorted(set(test["label"]) - set(index))
     if unknown:
-        raise VisiontuneError(f"test labels {unknown} are not classes of the checkpoint {checkpoint}; retrain")
+        raise VisiontuneError(
+            f"test labels {unknown} are not classes of the checkpoint {checkpoint}; retrain"
+        )
     paths = test["path"].tolist()
     logits = models.predict_logits(model, batches(paths, prep.size, prep.mean, prep.std, cfg.batch_size))
     probs = np.exp(logits - logits.max(1, keepdims=True))
@@ -129,4 +140,6 @@ def evaluate(cfg: EvaluateConfig, prepared: Path, checkpoint: Path, out: Path) -
     plots = [_plot_confusion(cm, class_names, out)]
     if (checkpoint / "history.csv").exists():
         plots.append(_plot_history(checkpoint / "history.csv", out))
-    return EvaluateResult(metrics=metrics, metrics_path=str(out / "metrics.json"), plots=[str(p) for p in plots])
+    return EvaluateResult(
+        metrics=metrics, metrics_path=str(out / "metrics.json"), plots=[str(p) for p in plots]
+    )

@@ -7,6 +7,7 @@ that fails the checker or the parity test is not left behind as model.onnx.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -52,16 +53,18 @@ def export(cfg: ExportConfig, prepared: Path, checkpoint: Path, out: Path) -> Ex
     tmp = out / "model.onnx.tmp"
     # dynamo=False: one self-contained file with a dynamic batch axis (the dynamo exporter
     # writes external weights and fixes opset 18)
-    torch.onnx.export(
-        model,
-        (dummy,),
-        str(tmp),
-        dynamo=False,
-        opset_version=cfg.opset,
-        input_names=["input"],
-        output_names=["logits"],
-        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-    )
+    with warnings.catch_warnings():  # the TorchScript exporter's deprecation notice, on purpose
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            model,
+            (dummy,),
+            str(tmp),
+            dynamo=False,
+            opset_version=cfg.opset,
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+        )
     proto = onnx.load(str(tmp))
     for key, value in {
         "class_names": json.dumps(meta["class_names"]),

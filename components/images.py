@@ -34,10 +34,9 @@ def sha256_file(path: Path) -> str:
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grayscale: scale to 8 bits
-        arr = np.asarray(img, dtype=np.float64)
-        hi = float(arr.max()) or 1.0
-        img = Image.fromarray((arr * (255.0 / hi)).clip(0, 255).astype(np.uint8), mode="L")
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grayscale: full range → 8 bits
+        arr = np.asarray(img, dtype=np.float64) / 257.0
+        img = Image.fromarray(arr.round().clip(0, 255).astype(np.uint8), mode="L")
     elif img.mode == "F":
         arr = np.asarray(img, dtype=np.float64)
         lo, hi = float(arr.min()), float(arr.max())

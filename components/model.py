@@ -47,11 +47,15 @@ def _embedded_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     )
     target = model.state_dict()
     if len(source) != len(target):
-        raise WeightsUnavailable(f"embedded {EMBEDDED} weights hold {len(source)} tensors, expected {len(target)}")
+        raise WeightsUnavailable(
+            f"embedded {EMBEDDED} weights hold {len(source)} tensors, expected {len(target)}"
+        )
     mapped = {}
     for (src_key, tensor), (key, like) in zip(source.items(), target.items(), strict=True):
         if tensor.shape != like.shape:
-            raise WeightsUnavailable(f"embedded weights: {src_key} {tuple(tensor.shape)} ≠ {key} {tuple(like.shape)}")
+            raise WeightsUnavailable(
+                f"embedded weights: {src_key} {tuple(tensor.shape)} ≠ {key} {tuple(like.shape)}"
+            )
         mapped[key] = tensor
     return mapped
 
@@ -123,9 +127,7 @@ def checkpoint_meta(
 def load_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a model from a checkpoint folder (no network, no params.yaml); eval mode."""
     meta = json.loads((path / META_FILE).read_text())
-    model = timm.create_model(
-        meta["architecture"], pretrained=False, num_classes=len(meta["class_names"])
-    )
+    model = timm.create_model(meta["architecture"], pretrained=False, num_classes=len(meta["class_names"]))
     model.load_state_dict(load_file(path / WEIGHTS_FILE))
     return model.eval(), meta
 

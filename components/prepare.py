@@ -110,9 +110,7 @@ def read_csv_source(csv_path: Path) -> pd.DataFrame:
                 f"use one of {', '.join(manifest.SPLITS)} or leave it empty"
             )
     base = csv_path.parent
-    frame["path"] = [
-        _display_path(p if p.is_absolute() else base / p) for p in map(Path, frame["path"])
-    ]
+    frame["path"] = [_display_path(p if p.is_absolute() else base / p) for p in map(Path, frame["path"])]
     return frame
 
 
@@ -128,9 +126,9 @@ def split_of(sha256: str, seed: int, val_fraction: float, test_fraction: float) 
 
 def _inspect(path: str, max_pixels: int) -> dict:
     try:
+        width, height = load_image(path, max_pixels).size  # full decode, readable reasons
         with Image.open(path) as img:
             mode = img.mode
-        width, height = load_image(path, max_pixels).size
         return {"sha256": sha256_file(Path(path)), "width": width, "height": height, "mode": mode}
     except (ImageDecodeError, OSError) as exc:
         reason = str(exc).removeprefix(f"{path}: ")

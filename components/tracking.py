@@ -135,7 +135,9 @@ def register(cfg: RegisterConfig, candidate: Candidate, out: Path) -> RegisterRe
         size = train_meta["preprocessing"]["size"]
         signature = ModelSignature(
             inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, size, size), "input")]),
-            outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, len(train_meta["class_names"])), "logits")]),
+            outputs=Schema(
+                [TensorSpec(np.dtype(np.float32), (-1, len(train_meta["class_names"])), "logits")]
+            ),
         )
         info = mlflow.onnx.log_model(
             onnx.load(str(candidate.onnx)),
@@ -144,7 +146,10 @@ def register(cfg: RegisterConfig, candidate: Candidate, out: Path) -> RegisterRe
             registered_model_name=cfg.model_name,
             save_as_external_data=False,
             onnx_execution_providers=["CPUExecutionProvider"],
-            metadata={"class_names": train_meta["class_names"], "preprocessing": train_meta["preprocessing"]},
+            metadata={
+                "class_names": train_meta["class_names"],
+                "preprocessing": train_meta["preprocessing"],
+            },
         )
     version = str(info.registered_model_version)
     client.set_registered_model_alias(cfg.model_name, cfg.alias, version)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -27,7 +26,14 @@ from .config import BaseConfig, ModelConfig, TrainConfig
 from .errors import VisiontuneError
 
 HISTORY_FIELDS = [
-    "epoch", "train_loss", "val_loss", "val_accuracy", "val_macro_f1", "lr", "images_per_s", "seconds"
+    "epoch",
+    "train_loss",
+    "val_loss",
+    "val_accuracy",
+    "val_macro_f1",
+    "lr",
+    "images_per_s",
+    "seconds",
 ]
 
 

@@ -54,7 +54,12 @@ def _schema_errors(frame, manifest_path: Path) -> list[dict]:
 
 
 def _markdown(report: dict) -> str:
-    lines = ["# Validation report", "", f"**Gate: {'passed' if report['passed'] else 'FAILED'}**", ""]
+    lines = [
+        "# Validation report",
+        "",
+        f"**Gate: {'passed' if report['passed'] else 'FAILED'}**",
+        "",
+    ]
     for failure in report["failures"]:
         lines.append(f"- {failure}")
     lines += ["", "## Images per class and split", "", "| class | train | val | test | total |"]

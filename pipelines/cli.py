@@ -13,8 +13,7 @@ from typing import Annotated, Any
 
 import typer
 import yaml
-
-from visiontune.components.config import Params, load_params
+from visiontune.components.config import load_params
 from visiontune.components.errors import VisiontuneError
 
 from . import stages
@@ -28,7 +27,8 @@ app = typer.Typer(
 ParamsOpt = Annotated[Path, typer.Option("--params", help="params.yaml to read.")]
 RootOpt = Annotated[Path, typer.Option("--root", help="Folder the stages write under.")]
 SetOpt = Annotated[
-    list[str] | None, typer.Option("--set", "-S", help="Override a param: section.key=value (repeatable).")
+    list[str] | None,
+    typer.Option("--set", "-S", help="Override a param: section.key=value (repeatable)."),
 ]
 
 
@@ -74,7 +74,11 @@ _stage_command("register", "Log the candidate to MLflow and register its ONNX mo
 
 
 @app.command()
-def run(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path("data/prepared"), set_: SetOpt = None) -> None:
+def run(
+    params: ParamsOpt = Path("params.yaml"),
+    root: RootOpt = Path("data/prepared"),
+    set_: SetOpt = None,
+) -> None:
     """Run the whole pipeline as a Prefect flow (ephemeral: no server needed)."""
     try:
         overrides = parse_overrides(set_)
@@ -96,7 +100,9 @@ def summary(root: RootOpt = Path("data/prepared")) -> None:
     metrics_path = layout.evaluate / "metrics.json"
     if metrics_path.exists():
         metrics = json.loads(metrics_path.read_text())
-        shown = ", ".join(f"{k.removeprefix('test_')} {v:.4f}" for k, v in metrics.items() if k != "test_images")
+        shown = ", ".join(
+            f"{k.removeprefix('test_')} {v:.4f}" for k, v in metrics.items() if k != "test_images"
+        )
         lines.append(f"  test metrics    {metrics_path}  ({shown}; {metrics.get('test_images')} images)")
     for plot in sorted(layout.evaluate.glob("*.png")):
         lines.append(f"  plot            {plot}")
@@ -107,7 +113,9 @@ def summary(root: RootOpt = Path("data/prepared")) -> None:
     reg_path = layout.register / "registration.json"
     if reg_path.exists():
         reg = json.loads(reg_path.read_text())
-        lines.append(f"  MLflow run      {reg['run_id']}  (experiment {reg['experiment_id']}, {reg['tracking_uri']})")
+        lines.append(
+            f"  MLflow run      {reg['run_id']}  (experiment {reg['experiment_id']}, {reg['tracking_uri']})"
+        )
         lines.append(f"  model version   {reg['model_name']} v{reg['version']}  ({reg['model_uri']})")
     lines.append("  MLflow UI       make mlflow-ui, then open http://127.0.0.1:5000")
     typer.echo("\n".join(lines))

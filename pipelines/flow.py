@@ -10,7 +10,6 @@ from typing import Any
 
 from prefect import flow, task
 from prefect.cache_policies import NONE
-
 from visiontune.components.config import Params, load_params
 
 from . import stages
@@ -30,7 +29,9 @@ register = _task("register", retries=2, retry_delay_seconds=5)  # the tracking s
 
 @flow(name="training-pipeline", log_prints=True)
 def training_pipeline(
-    params_path: str = "params.yaml", root: str = "data/prepared", overrides: dict[str, Any] | None = None
+    params_path: str = "params.yaml",
+    root: str = "data/prepared",
+    overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """prepare → validate → train → evaluate → export → register, on params.yaml (+ overrides)."""
     params: Params = load_params(params_path, overrides)

@@ -3,7 +3,7 @@
 from pathlib import Path
 
 import pytest
-
+from pydantic import ValidationError
 from visiontune.components.config import ConfigError, Params, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -13,8 +13,17 @@ def test_repo_params_parse_with_required_keys():
     params = load_params(ROOT / "params.yaml")
     flat = params.flat()
     for key in [
-        "data.source", "model.name", "model.image_size", "model.pretrained", "model.weights",
-        "train.method", "train.epochs", "train.batch_size", "train.lr", "train.patience", "base.seed",
+        "data.source",
+        "model.name",
+        "model.image_size",
+        "model.pretrained",
+        "model.weights",
+        "train.method",
+        "train.epochs",
+        "train.batch_size",
+        "train.lr",
+        "train.patience",
+        "base.seed",
     ]:
         assert key in flat
     assert params.data.source == "builtin:digits"
@@ -48,7 +57,7 @@ def test_overrides_apply_and_sections_are_frozen(tmp_path):
     params = load_params(path, {"train.lr": 3e-4, "validate.on_fail": "warn"})
     assert params.train.lr == 3e-4 and params.train.epochs == 3
     assert params.validate_.on_fail == "warn"
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         params.train.lr = 1.0  # type: ignore[misc]
 
 

@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
 from visiontune.components import images
 from visiontune.components import model as models
 from visiontune.components.config import ModelConfig
@@ -34,7 +33,12 @@ def test_no_weights_lists_the_options(monkeypatch):
     with pytest.raises(models.WeightsUnavailable) as err:
         models.create(ModelConfig(name="resnet18"), num_classes=3)
     msg = str(err.value)
-    for option in ("model.weights", "tf_efficientnet_lite0", "Hugging Face Hub", "pretrained: false"):
+    for option in (
+        "model.weights",
+        "tf_efficientnet_lite0",
+        "Hugging Face Hub",
+        "pretrained: false",
+    ):
         assert option in msg
 
 

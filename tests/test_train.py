@@ -5,7 +5,6 @@ import json
 
 import torch
 from conftest import tiny_params
-
 from visiontune.components import model as models
 from visiontune.components.train import augment, lr_factor, param_groups
 
@@ -25,7 +24,6 @@ def test_tiny_run_writes_checkpoint_history_and_result(trained):
 
 def test_training_learns_and_early_stopping_keeps_best(tmp_path):
     from conftest import write_digits
-
     from visiontune.pipelines import stages
 
     data = write_digits(tmp_path / "raw", classes=(0, 1), per_class=30)

@@ -4,7 +4,6 @@ import json
 
 import pytest
 from conftest import tiny_params, write_digits
-
 from visiontune.components import manifest
 from visiontune.components.prepare import prepare
 from visiontune.components.validate import GateFailed, validate

@@ -1,0 +1,123 @@
+"""register: one MLflow run per candidate, a registered ONNX version with its alias.
+
+Runs against a real `mlflow server` subprocess on 127.0.0.1 and against the embedded store.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+from visiontune.components.export import onnx_logits
+from visiontune.pipelines import stages
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real tracking server with a SQL backend and proxied artifacts, bound to loopback."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = _free_port()
+    mlflow_bin = Path(sys.executable).with_name("mlflow")
+    proc = subprocess.Popen(
+        [
+            str(mlflow_bin),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{root / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=open(root / "server.log", "w"),
+        start_new_session=True,  # its job workers outlive a plain SIGTERM to the server PID
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                if urllib.request.urlopen(f"{url}/health", timeout=1).status == 200:
+                    break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def candidate(trained):
+    params, layout = trained
+    stages.evaluate(params, layout)
+    stages.export(params, layout)
+    return params, layout
+
+
+def _check_registered(uri: str, result, params, layout):
+    client = MlflowClient(uri)
+    run = client.get_run(result.run_id)
+    assert run.data.params["train.lr"] == str(params.train.lr)
+    assert run.data.params["data.source"] == params.data.source
+    assert run.data.tags["manifest_sha256"]
+    assert "test_accuracy" in run.data.metrics
+    history = client.get_metric_history(result.run_id, "val_loss")
+    assert [m.step for m in history] == [1]
+    artifacts = {f.path for f in client.list_artifacts(result.run_id, "evaluation")}
+    assert "evaluation/confusion_matrix.png" in artifacts
+    assert {f.path for f in client.list_artifacts(result.run_id, "validation")} >= {
+        "validation/report.json",
+        "validation/report.md",
+    }
+    version = client.get_model_version_by_alias(result.model_name, "candidate")
+    assert str(version.version) == result.version and version.run_id == result.run_id
+    # the registered model is the exported model: same logits through onnxruntime
+    local = mlflow.artifacts.download_artifacts(artifact_uri=result.model_uri, tracking_uri=uri)
+    x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    np.testing.assert_allclose(
+        onnx_logits(Path(local) / "model.onnx", [x]),
+        onnx_logits(layout.export / "model.onnx", [x]),
+        atol=1e-6,
+    )
+
+
+def test_register_against_a_real_tracking_server(candidate, mlflow_server, monkeypatch, tmp_path):
+    params, layout = candidate
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    monkeypatch.chdir(tmp_path)
+    first = stages.register(params, layout)
+    second = stages.register(params, layout)  # a second candidate: a new version takes the alias
+    assert first.tracking_uri == mlflow_server
+    assert int(second.version) == int(first.version) + 1
+    _check_registered(mlflow_server, second, params, layout)
+    assert not (tmp_path / "mlflow.db").exists()  # nothing went to the embedded store
+
+
+def test_register_to_the_embedded_store_by_default(candidate, monkeypatch, tmp_path):
+    params, layout = candidate
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    result = stages.register(params, layout)
+    assert (tmp_path / "mlflow.db").exists() and (tmp_path / "mlartifacts").is_dir()
+    _check_registered(result.tracking_uri, result, params, layout)
