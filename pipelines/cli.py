@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 import typer
 import yaml
+
 from visiontune.components.config import load_params
 from visiontune.components.errors import VisiontuneError
 

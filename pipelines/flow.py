@@ -10,6 +10,7 @@ from typing import Any
 
 from prefect import flow, task
 from prefect.cache_policies import NONE
+
 from visiontune.components.config import Params, load_params
 
 from . import stages

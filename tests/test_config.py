@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
+
 from visiontune.components.config import ConfigError, Params, load_params
 
 ROOT = Path(__file__).resolve().parents[1]

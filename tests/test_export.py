@@ -5,6 +5,7 @@ import json
 import numpy as np
 import onnx
 import pytest
+
 from visiontune.components.config import ExportConfig
 from visiontune.components.export import ParityError, export, onnx_logits
 from visiontune.pipelines import stages

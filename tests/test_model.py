@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+
 from visiontune.components import images
 from visiontune.components import model as models
 from visiontune.components.config import ModelConfig

@@ -4,6 +4,7 @@ import json
 
 import pandas as pd
 import pytest
+
 from conftest import tiny_params, write_digits
 from visiontune.components import manifest
 from visiontune.components.images import sha256_file

@@ -16,6 +16,7 @@ import mlflow
 import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
+
 from visiontune.components.export import onnx_logits
 from visiontune.pipelines import stages
 

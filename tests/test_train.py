@@ -4,6 +4,7 @@ import csv
 import json
 
 import torch
+
 from conftest import tiny_params
 from visiontune.components import model as models
 from visiontune.components.train import augment, lr_factor, param_groups

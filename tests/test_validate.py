@@ -3,6 +3,7 @@
 import json
 
 import pytest
+
 from conftest import tiny_params, write_digits
 from visiontune.components import manifest
 from visiontune.components.prepare import prepare

@@ -1,0 +1,50 @@
+"""The `visiontune` command: stage subcommands, clean errors, overrides."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from visiontune.pipelines.cli import app, parse_overrides
+
+runner = CliRunner()
+
+
+def test_help_lists_every_stage_and_starts_fast():
+    exe = Path(sys.executable).with_name("visiontune")
+    done = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0
+    for command in ("prepare", "validate", "train", "evaluate", "export", "register", "run", "summary"):
+        assert command in done.stdout
+    code = "import sys, visiontune.pipelines.cli; print('torch' in sys.modules, 'mlflow' in sys.modules)"
+    light = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert light.stdout.split() == ["False", "False"]  # heavy imports wait for the command that needs them
+
+
+def test_bad_params_key_is_one_clear_line_and_exit_1(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("data:\n  sorce: x\n")
+    result = runner.invoke(app, ["prepare", "--params", str(params), "--root", str(tmp_path / "out")])
+    assert result.exit_code == 1
+    assert "data.sorce: unknown key" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_missing_source_names_the_field(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text(f"data:\n  source: {tmp_path / 'nowhere'}\n")
+    result = runner.invoke(app, ["prepare", "--params", str(params), "--root", str(tmp_path / "out")])
+    assert result.exit_code == 1 and "data.source" in result.output
+
+
+def test_overrides_reach_the_typed_params(tmp_path):
+    from visiontune.components.config import load_params
+
+    params = tmp_path / "params.yaml"
+    params.write_text("train:\n  epochs: 2\n")
+    overrides = parse_overrides(["train.lr=3e-4", "model.image_size=null", "train.hflip=true"])
+    loaded = load_params(params, overrides)
+    assert loaded.train.lr == 3e-4 and loaded.model.image_size is None and loaded.train.hflip is True
+    result = runner.invoke(app, ["prepare", "--set", "trainlr"])
+    assert result.exit_code == 1 and "section.key=value" in result.output
