@@ -6,7 +6,7 @@ BIN := $(abspath $(VENV))/bin
 STAMP := $(VENV)/.installed-stamp
 export PATH := $(BIN):$(PATH)
 # pip's index configuration on some machines warns about every missing local index entry
-QUIET_PIP := grep -v "is ignored: it is neither a file nor a directory" || true
+QUIET_PIP := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
 .PHONY: install run test lint mlflow-ui clean
 
@@ -27,8 +27,8 @@ test: install
 	python -m pytest
 
 lint: install
-	ruff check components pipelines tests bench
-	ruff format --check components pipelines tests bench
+	ruff check components pipelines tests
+	ruff format --check components pipelines tests
 
 mlflow-ui: install
 	mlflow server --backend-store-uri sqlite:///mlflow.db --default-artifact-root ./mlartifacts \

@@ -218,6 +218,10 @@ def train(
                 tqdm.write(f"early stop: val loss has not improved for {cfg.patience} epochs")
                 break
 
+    if best_state is None:
+        raise VisiontuneError(
+            f"training diverged: val loss was {history[-1]['val_loss']} in every epoch; lower train.lr"
+        )
     model.load_state_dict(best_state)
     config = {"model": model_cfg.model_dump(), "train": cfg.model_dump(), "seed": base.seed}
     meta = models.checkpoint_meta(model_cfg.name, class_names, prep, config)
