@@ -126,11 +126,14 @@ def register(cfg: RegisterConfig, candidate: Candidate, out: Path) -> RegisterRe
         for i in range(0, len(history), 900):  # one request per 900 values, not one per value
             client.log_batch(run_id, metrics=history[i : i + 900])
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
-        mlflow.log_artifacts(str(candidate.validation), "validation")
-        for path in sorted(candidate.evaluation.iterdir()):
-            if path.is_file():
-                mlflow.log_artifact(str(path), "evaluation")
-        mlflow.log_artifacts(str(candidate.checkpoint), "checkpoint")
+        for folder, name in (
+            (candidate.validation, "validation"),
+            (candidate.evaluation, "evaluation"),
+            (candidate.checkpoint, "checkpoint"),
+        ):
+            for path in sorted(folder.iterdir()):
+                if path.is_file() and not path.name.startswith("."):  # not DVC's .gitignore
+                    mlflow.log_artifact(str(path), name)
 
         size = train_meta["preprocessing"]["size"]
         signature = ModelSignature(

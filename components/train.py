@@ -180,13 +180,15 @@ def train(
             factor = lr_factor(step, warmup, total_steps)
             for group, lr in zip(optimizer.param_groups, base_lrs, strict=True):
                 group["lr"] = lr * factor
-            loss = F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing)
+            logits = model(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             step += 1
             seen += len(idx)
-            loss_sum += loss.item() * len(idx)
+            # recorded without smoothing, so that it compares with val loss
+            loss_sum += F.cross_entropy(logits.detach(), y, reduction="sum").item()
             bar.update(len(idx))
             bar.set_postfix(loss=f"{loss.item():.3f}")
         bar.close()

@@ -87,6 +87,8 @@ def _check_registered(uri: str, result, params, layout):
     assert [m.step for m in history] == [1]
     artifacts = {f.path for f in client.list_artifacts(result.run_id, "evaluation")}
     assert "evaluation/confusion_matrix.png" in artifacts
+    checkpoint = {f.path for f in client.list_artifacts(result.run_id, "checkpoint")}
+    assert {"checkpoint/model.safetensors", "checkpoint/checkpoint.json"} <= checkpoint
     assert {f.path for f in client.list_artifacts(result.run_id, "validation")} >= {
         "validation/report.json",
         "validation/report.md",
