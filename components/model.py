@@ -70,6 +70,14 @@ def _options(name: str) -> str:
     )
 
 
+def _size_kwargs(name: str, size: int | None) -> dict[str, Any]:
+    """Models built for one input size (ViTs) are built for `size`; timm resamples their weights."""
+    pretrained_cfg = timm.models.get_pretrained_cfg(name)
+    if size and pretrained_cfg is not None and pretrained_cfg.fixed_input_size:
+        return {"img_size": size}
+    return {}
+
+
 def create(cfg: ModelConfig, num_classes: int) -> tuple[nn.Module, Preprocessing]:
     """A timm classifier with a new `num_classes` head, loaded as model.pretrained/weights say."""
     if cfg.name not in timm.list_models() and not timm.is_model(cfg.name):
@@ -78,8 +86,9 @@ def create(cfg: ModelConfig, num_classes: int) -> tuple[nn.Module, Preprocessing
     weights = Path(cfg.weights) if cfg.weights else None
     if weights is not None and not weights.is_file():
         raise WeightsUnavailable(f"model.weights: {weights} does not exist; fix the path or remove the key")
+    size_kwargs = _size_kwargs(cfg.name, cfg.image_size)
     if not cfg.pretrained:
-        model = timm.create_model(cfg.name, pretrained=False, num_classes=num_classes)
+        model = timm.create_model(cfg.name, pretrained=False, num_classes=num_classes, **size_kwargs)
     elif cfg.name == EMBEDDED and weights is None:
         model = timm.create_model(cfg.name, pretrained=False)
         model.load_state_dict(_embedded_state_dict(model))
@@ -89,7 +98,11 @@ def create(cfg: ModelConfig, num_classes: int) -> tuple[nn.Module, Preprocessing
         overlay = {"file": str(weights.absolute())} if weights else None
         try:
             model = timm.create_model(
-                cfg.name, pretrained=True, num_classes=num_classes, pretrained_cfg_overlay=overlay
+                cfg.name,
+                pretrained=True,
+                num_classes=num_classes,
+                pretrained_cfg_overlay=overlay,
+                **size_kwargs,
             )
         except Exception as exc:  # hub or file errors come in many types; all mean no weights
             raise WeightsUnavailable(f"{_options(cfg.name)}\n  (cause: {type(exc).__name__}: {exc})") from exc
@@ -127,7 +140,9 @@ def checkpoint_meta(
 def load_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a model from a checkpoint folder (no network, no params.yaml); eval mode."""
     meta = json.loads((path / META_FILE).read_text())
-    model = timm.create_model(meta["architecture"], pretrained=False, num_classes=len(meta["class_names"]))
+    name = meta["architecture"]
+    size_kwargs = _size_kwargs(name, meta["preprocessing"]["size"])
+    model = timm.create_model(name, pretrained=False, num_classes=len(meta["class_names"]), **size_kwargs)
     model.load_state_dict(load_file(path / WEIGHTS_FILE))
     return model.eval(), meta
 

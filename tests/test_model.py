@@ -56,6 +56,26 @@ def test_local_weights_file_is_loaded(tmp_path):
     assert prep.mean == pytest.approx((0.485, 0.456, 0.406))
 
 
+def test_vit_at_another_resolution_loads_local_weights_and_round_trips(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    source = timm.create_model("vit_tiny_patch16_224", pretrained=False)  # a 224 px checkpoint
+    path = tmp_path / "vit.safetensors"
+    save_file(source.state_dict(), path)
+    cfg = ModelConfig(name="vit_tiny_patch16_224", weights=str(path), image_size=32)
+    model, prep = models.create(cfg, num_classes=5)
+    assert torch.equal(model.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
+    model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    meta = models.checkpoint_meta(cfg.name, list("abcde"), prep, {})
+    models.save_checkpoint(model, tmp_path / "ckpt", meta)
+    loaded, _ = models.load_checkpoint(tmp_path / "ckpt")
+    with torch.no_grad():
+        assert torch.allclose(model(x), loaded(x), atol=1e-6)
+        assert model(x).shape == (2, 5)
+
+
 def test_missing_weights_file_and_unknown_model_are_clear(tmp_path):
     with pytest.raises(models.WeightsUnavailable, match="does not exist"):
         models.create(ModelConfig(name="resnet18", weights=str(tmp_path / "no.pth")), 3)
