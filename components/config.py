@@ -41,6 +41,13 @@ class DataConfig(Section):
 class ValidateConfig(Section):
     min_per_class: int = Field(5, ge=1)
     max_pixels: int = Field(89_478_485, ge=1)  # Pillow's decompression-bomb default
+    max_imbalance_ratio: float = Field(20.0, ge=1)  # largest class / smallest class, in images
+    max_label_issue_fraction: float = Field(0.1, ge=0, le=1)  # share of images the audit flags
+    allow_leakage: bool = False  # val/test images with an exact or near duplicate in train
+    near_duplicate_distance: int = Field(0, ge=0, le=64)  # perceptual-hash bits that may differ
+    label_audit: bool = True
+    audit_folds: int = Field(5, ge=2)
+    classes: list[str] | None = None  # the known labels; any other label is a schema error
     on_fail: Literal["error", "warn"] = "error"
 
 

@@ -11,7 +11,7 @@ import pandas as pd
 import pandera.pandas as pa
 
 SPLITS = ("train", "val", "test")
-COLUMNS = ["path", "label", "split", "sha256", "width", "height", "mode"]
+COLUMNS = ["path", "label", "split", "sha256", "phash", "width", "height", "mode"]
 
 
 def schema(labels: list[str] | None = None) -> pa.DataFrameSchema:
@@ -25,6 +25,7 @@ def schema(labels: list[str] | None = None) -> pa.DataFrameSchema:
             "label": pa.Column(str, checks=label_checks),
             "split": pa.Column(str, checks=pa.Check.isin(SPLITS)),
             "sha256": pa.Column(str, checks=pa.Check.str_matches(r"^[0-9a-f]{64}$")),
+            "phash": pa.Column(str, checks=pa.Check.str_matches(r"^[0-9a-f]{16}$")),
             "width": pa.Column(int, checks=pa.Check.gt(0)),
             "height": pa.Column(int, checks=pa.Check.gt(0)),
             "mode": pa.Column(str),
@@ -39,7 +40,7 @@ def read(path: Path) -> pd.DataFrame:
     """Read a manifest CSV (strings stay strings: labels like '01' keep their zeros)."""
     return pd.read_csv(
         path,
-        dtype={"path": str, "label": str, "split": str, "sha256": str, "mode": str},
+        dtype={"path": str, "label": str, "split": str, "sha256": str, "phash": str, "mode": str},
         keep_default_na=False,
     )
 

@@ -112,6 +112,26 @@ def create(cfg: ModelConfig, num_classes: int) -> tuple[nn.Module, Preprocessing
     return model, prep
 
 
+AUDIT_STAGES = (2, 3, 4)  # Lite0's mid-level stages (40 + 112 + 320 channels): label-audit features
+
+
+def embedder(size: int | None) -> tuple[nn.Module, Preprocessing]:
+    """The embedded ImageNet Lite0 as a frozen feature extractor at `size` px (None: 224)."""
+    from .config import ModelConfig
+
+    model, prep = create(ModelConfig(name=EMBEDDED, image_size=size), num_classes=1000)
+    return model.eval(), prep
+
+
+@torch.no_grad()
+def pooled_stage_features(model: nn.Module, x: np.ndarray) -> np.ndarray:
+    """Global-average-pooled features of AUDIT_STAGES, concatenated, for one normalized batch."""
+    stages = model.forward_intermediates(
+        torch.from_numpy(x), indices=list(AUDIT_STAGES), intermediates_only=True
+    )
+    return torch.cat([f.mean((2, 3)) for f in stages], dim=1).numpy()
+
+
 def head_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
     """Parameters of the classifier head that replaced the pretrained one."""
     return model.get_classifier().parameters()

@@ -18,6 +18,7 @@ from PIL import Image
 
 from . import manifest
 from .config import BaseConfig, DataConfig
+from .duplicates import perceptual_hash
 from .errors import VisiontuneError
 from .images import IMAGE_EXTENSIONS, ImageDecodeError, load_image, sha256_file
 
@@ -126,10 +127,16 @@ def split_of(sha256: str, seed: int, val_fraction: float, test_fraction: float) 
 
 def _inspect(path: str, max_pixels: int) -> dict:
     try:
-        width, height = load_image(path, max_pixels).size  # full decode, readable reasons
+        rgb = load_image(path, max_pixels)  # full decode, readable reasons
         with Image.open(path) as img:
             mode = img.mode
-        return {"sha256": sha256_file(Path(path)), "width": width, "height": height, "mode": mode}
+        return {
+            "sha256": sha256_file(Path(path)),
+            "phash": perceptual_hash(rgb),
+            "width": rgb.width,
+            "height": rgb.height,
+            "mode": mode,
+        }
     except (ImageDecodeError, OSError) as exc:
         reason = str(exc).removeprefix(f"{path}: ")
         return {"error": reason}

@@ -1,8 +1,9 @@
 """validate stage: the data gate between prepare and train.
 
-Checks the manifest against its pandera schema (every error at once), lists the quarantined
-images, counts classes per split, and fails when a class is too small. Run as
-`visiontune validate` or called by the flow and tests.
+Checks the manifest against its pandera schema (every error at once), lists quarantined images,
+measures class balance, finds exact and near duplicates and train/test leakage, and audits the
+labels with cleanlab; then applies the thresholds in params.yaml. Run as `visiontune validate`
+(and `visiontune audit` on any folder or CSV), or called by the flow and tests.
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import pandas as pd
 import pandera.errors
 
 from . import manifest
 from .config import ValidateConfig
+from .duplicates import find_duplicates, leakage
 from .errors import VisiontuneError
 
 
@@ -26,24 +29,28 @@ class GateFailed(VisiontuneError, RuntimeError):
 class ValidateResult:
     passed: bool
     failures: list[str]
+    warnings: list[str]
     report: str
+    n_images: int
+    n_quarantined: int
+    n_duplicate_groups: int
+    n_leaked: int
+    n_label_issues: int
 
 
-def _schema_errors(frame, manifest_path: Path) -> list[dict]:
+def _schema_errors(frame: pd.DataFrame, manifest_path: Path, classes: list[str] | None) -> list[dict]:
     try:
-        manifest.schema().validate(frame, lazy=True)
+        manifest.schema(classes).validate(frame, lazy=True)
     except pandera.errors.SchemaErrors as exc:
-        cases = exc.failure_cases
         errors = []
-        for _, case in cases.iterrows():
+        for _, case in exc.failure_cases.iterrows():
             index = case.get("index")
-            row = int(index) if index is not None and str(index) != "nan" else None
-            path = frame.at[row, "path"] if row is not None and "path" in frame else None
+            row = None if index is None or pd.isna(index) else int(index)
             errors.append(
                 {
                     "manifest": str(manifest_path),
                     "row": row,
-                    "path": path,
+                    "path": frame.at[row, "path"] if row is not None and "path" in frame else None,
                     "column": case.get("column"),
                     "check": str(case.get("check")),
                     "value": None if case.get("failure_case") is None else str(case["failure_case"]),
@@ -53,71 +60,127 @@ def _schema_errors(frame, manifest_path: Path) -> list[dict]:
     return []
 
 
-def _markdown(report: dict) -> str:
-    lines = [
-        "# Validation report",
-        "",
-        f"**Gate: {'passed' if report['passed'] else 'FAILED'}**",
-        "",
-    ]
-    for failure in report["failures"]:
-        lines.append(f"- {failure}")
-    lines += ["", "## Images per class and split", "", "| class | train | val | test | total |"]
-    lines.append("|---|---:|---:|---:|---:|")
-    for label, counts in report["class_counts"].items():
-        row = [str(counts.get(s, 0)) for s in (*manifest.SPLITS, "total")]
-        lines.append(f"| {label} | " + " | ".join(row) + " |")
-    lines += ["", f"## Quarantined images ({len(report['quarantined'])})", ""]
-    lines += [f"- `{q['path']}`: {q['reason']}" for q in report["quarantined"]] or ["None."]
-    lines += ["", f"## Schema errors ({len(report['schema_errors'])})", ""]
-    lines += [
-        f"- row {e['row']} `{e['path']}`: column {e['column']}: {e['check']} (value {e['value']!r})"
-        for e in report["schema_errors"]
-    ] or ["None."]
-    return "\n".join(lines) + "\n"
+def _balance(frame: pd.DataFrame, cfg: ValidateConfig) -> tuple[dict, dict]:
+    counts = frame.groupby(["label", "split"]).size().unstack(fill_value=0)
+    class_counts = {
+        str(label): {**{s: int(row.get(s, 0)) for s in manifest.SPLITS}, "total": int(row.sum())}
+        for label, row in counts.iterrows()
+    }
+    totals = {k: v["total"] for k, v in class_counts.items()}
+    largest, smallest = max(totals, key=totals.get), min(totals, key=totals.get)
+    balance = {
+        "classes": len(totals),
+        "largest": {"class": largest, "images": totals[largest]},
+        "smallest": {"class": smallest, "images": totals[smallest]},
+        "imbalance_ratio": round(totals[largest] / totals[smallest], 3),
+        "below_min_per_class": sorted(k for k, n in totals.items() if n < cfg.min_per_class),
+        "missing_from_val": sorted(k for k, v in class_counts.items() if v["val"] == 0),
+        "missing_from_test": sorted(k for k, v in class_counts.items() if v["test"] == 0),
+        "modes": {str(k): int(v) for k, v in frame["mode"].value_counts().items()},
+    }
+    return class_counts, balance
 
 
-def validate(cfg: ValidateConfig, prepared: Path, out: Path) -> ValidateResult:
+def _gate(cfg: ValidateConfig, report: dict, frame: pd.DataFrame) -> tuple[list[str], list[str]]:
+    """(failures, warnings): each failure names the check, its figure and its threshold."""
+    failures, warnings = [], []
+    balance = report["balance"]
+    if report["schema_errors"]:
+        failures.append(f"schema: {len(report['schema_errors'])} error(s) in the manifest")
+    if balance["classes"] < 2:
+        failures.append(f"classes: found {balance['classes']}; a classifier needs at least 2")
+    if not (frame["split"] == "train").any() or not (frame["split"] == "val").any():
+        failures.append("splits: the train and val splits must both hold images")
+    small = balance["below_min_per_class"]
+    if small:
+        listed = ", ".join(f"{k} ({report['class_counts'][k]['total']})" for k in small)
+        failures.append(
+            f"min_per_class: {len(small)} class(es) below validate.min_per_class={cfg.min_per_class}: "
+            f"{listed}; add images or lower the threshold"
+        )
+    if balance["imbalance_ratio"] > cfg.max_imbalance_ratio:
+        failures.append(
+            f"imbalance: largest/smallest class = {balance['imbalance_ratio']:.1f} "
+            f"({balance['largest']['class']}: {balance['largest']['images']}, "
+            f"{balance['smallest']['class']}: {balance['smallest']['images']}) > "
+            f"validate.max_imbalance_ratio={cfg.max_imbalance_ratio:g}"
+        )
+    if report["leakage"] and not cfg.allow_leakage:
+        failures.append(
+            f"leakage: {len(report['leakage'])} val/test image(s) have a duplicate in train "
+            f"(validate.allow_leakage=false); remove or relabel them"
+        )
+    audit = report["label_audit"]
+    if audit["status"] == "ran" and audit["flagged_fraction"] > cfg.max_label_issue_fraction:
+        failures.append(
+            f"label_issues: {audit['flagged']} of {audit['images']} images "
+            f"({audit['flagged_fraction']:.1%}) look mislabeled > "
+            f"validate.max_label_issue_fraction={cfg.max_label_issue_fraction:g}"
+        )
+    if report["quarantined"]:
+        warnings.append(f"integrity: {len(report['quarantined'])} unreadable image(s) quarantined")
+    conflicts = [d for d in report["duplicates"] if d["conflicting_labels"]]
+    if conflicts:
+        warnings.append(f"duplicates: {len(conflicts)} group(s) of identical images carry different labels")
+    for key in ("missing_from_val", "missing_from_test"):
+        if balance[key]:
+            warnings.append(f"balance: class(es) {', '.join(balance[key])} {key.replace('_', ' ')}")
+    if audit["status"] != "ran" and audit.get("reason"):
+        warnings.append(f"label audit skipped: {audit['reason']}")
+    return failures, warnings
+
+
+def validate(
+    cfg: ValidateConfig, prepared: Path, out: Path, audit_size: int | None = None, seed: int = 0
+) -> ValidateResult:
     """Validate prepared/manifest.csv; write out/report.json and out/report.md; apply the gate."""
     out.mkdir(parents=True, exist_ok=True)
     manifest_path = prepared / "manifest.csv"
     frame = manifest.read(manifest_path)
     quarantine_path = prepared / "quarantine.json"
     quarantined = json.loads(quarantine_path.read_text()) if quarantine_path.exists() else []
-    schema_errors = _schema_errors(frame, manifest_path)
+    schema_errors = _schema_errors(frame, manifest_path, cfg.classes)
+    class_counts, balance = _balance(frame, cfg)
+    duplicates = find_duplicates(frame, cfg.near_duplicate_distance)
+    leaks = leakage(duplicates, frame)
+    if cfg.label_audit:
+        from .audit import label_audit
 
-    counts = frame.groupby(["label", "split"]).size().unstack(fill_value=0)
-    class_counts = {
-        str(label): {**{s: int(row.get(s, 0)) for s in manifest.SPLITS}, "total": int(row.sum())}
-        for label, row in counts.iterrows()
-    }
-    failures = []
-    if schema_errors:
-        failures.append(f"schema: {len(schema_errors)} error(s) in {manifest_path}")
-    small = {k: v["total"] for k, v in class_counts.items() if v["total"] < cfg.min_per_class}
-    if small:
-        listed = ", ".join(f"{k} ({n})" for k, n in sorted(small.items()))
-        failures.append(
-            f"min_per_class: {len(small)} class(es) below validate.min_per_class="
-            f"{cfg.min_per_class}: {listed}; add images or lower the threshold"
-        )
-    if len(class_counts) < 2:
-        failures.append(f"classes: found {len(class_counts)} class; a classifier needs at least 2")
-    if not (frame["split"] == "train").any() or not (frame["split"] == "val").any():
-        failures.append("splits: the train and val splits must both hold images")
+        audit = label_audit(frame, audit_size, cfg.audit_folds, seed, out)
+    else:
+        audit = {"section": {"status": "off", "reason": None}, "issues": []}
 
     report = {
-        "passed": not failures,
-        "failures": failures,
+        "manifest": str(manifest_path),
         "n_images": int(len(frame)),
         "class_counts": class_counts,
+        "balance": balance,
         "quarantined": quarantined,
         "schema_errors": schema_errors,
+        "duplicates": duplicates,
+        "leakage": leaks,
+        "label_audit": audit["section"],
+        "label_issues": audit["issues"],
+        "thresholds": cfg.model_dump(),
     }
+    failures, warnings = _gate(cfg, report, frame)
+    report = {"passed": not failures, "failures": failures, "warnings": warnings, **report}
     report_path = out / "report.json"
     report_path.write_text(json.dumps(report, indent=2))
-    (out / "report.md").write_text(_markdown(report))
-    result = ValidateResult(passed=not failures, failures=failures, report=str(report_path))
+    from .report import validation_markdown
+
+    (out / "report.md").write_text(validation_markdown(report))
+    result = ValidateResult(
+        passed=not failures,
+        failures=failures,
+        warnings=warnings,
+        report=str(report_path),
+        n_images=len(frame),
+        n_quarantined=len(quarantined),
+        n_duplicate_groups=len(duplicates),
+        n_leaked=len(leaks),
+        n_label_issues=len(audit["issues"]),
+    )
     if failures and cfg.on_fail == "error":
         raise GateFailed(
             "validation gate failed:\n  " + "\n  ".join(failures) + f"\n  report: {out / 'report.md'}"

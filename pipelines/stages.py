@@ -52,7 +52,7 @@ def prepare(params: Params, layout: Layout):
 def validate(params: Params, layout: Layout):
     from visiontune.components.validate import validate as run
 
-    return run(params.validate_, layout.prepare, layout.validate)
+    return run(params.validate_, layout.prepare, layout.validate, params.model.image_size, params.base.seed)
 
 
 def train(params: Params, layout: Layout):
