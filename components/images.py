@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -51,17 +52,33 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+_PIL_LIMIT_LOCK = threading.Lock()  # Pillow's pixel limit is a process-wide global
+DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own default
+
+
+def _open(path: Path, max_pixels: int) -> Image.Image:
+    """Open (header only) with our pixel limit in place of Pillow's global one."""
+    with _PIL_LIMIT_LOCK:
+        previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            img = Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = previous
+    if img.width * img.height > max_pixels:
+        img.close()
+        raise Image.DecompressionBombError(
+            f"{img.width}×{img.height} = {img.width * img.height} pixels > {max_pixels}"
+        )
+    return img
+
+
 def load_image(path: str | Path, max_pixels: int | None = None) -> Image.Image:
     """Decode an image fully as RGB, EXIF orientation applied; raise ImageDecodeError if unusable."""
     path = Path(path)
-    previous = Image.MAX_IMAGE_PIXELS
-    if max_pixels is not None:
-        Image.MAX_IMAGE_PIXELS = max_pixels
     try:
-        with Image.open(path) as img:
+        with _open(path, max_pixels or DEFAULT_MAX_PIXELS) as img:
             img.load()  # forces a full decode: truncated files fail here, not later
-            img = ImageOps.exif_transpose(img)
-            rgb = _to_rgb(img)
+            rgb = _to_rgb(ImageOps.exif_transpose(img))
     except FileNotFoundError:
         raise ImageDecodeError(f"{path}: file not found") from None
     except Image.DecompressionBombError as exc:
@@ -70,8 +87,6 @@ def load_image(path: str | Path, max_pixels: int | None = None) -> Image.Image:
         size = path.stat().st_size if path.exists() else 0
         reason = "empty file" if size == 0 else f"cannot decode: {exc}"
         raise ImageDecodeError(f"{path}: {reason}") from None
-    finally:
-        Image.MAX_IMAGE_PIXELS = previous
     return rgb
 
 
