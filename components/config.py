@@ -114,13 +114,17 @@ class ConfigError(VisiontuneError, ValueError):
     """params.yaml is missing, malformed, or holds an unknown or invalid key."""
 
 
-def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
+def load_params(
+    path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None, missing_ok: bool = False
+) -> Params:
     """Parse params.yaml into Params; `overrides` maps 'section.key' to a value."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
-        raise ConfigError(f"{path}: not found; run from the project root or pass --params") from None
+        if not missing_ok:
+            raise ConfigError(f"{path}: not found; run from the project root or pass --params") from None
+        raw = {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):

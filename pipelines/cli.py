@@ -94,6 +94,45 @@ def run(
 
 
 @app.command()
+def audit(
+    source: Annotated[
+        str, typer.Argument(help="An image folder (<root>/<class>/...) or a CSV (path,label[,split]).")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the manifest and the report.")] = Path(
+        "audit"
+    ),
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Audit any dataset before training: the validate checks, outside the pipeline."""
+    from visiontune.components.prepare import prepare as run_prepare
+    from visiontune.components.validate import validate as run_validate
+
+    try:
+        overrides = parse_overrides(set_)
+        config = load_params(params, overrides, missing_ok=True)  # defaults outside a project
+        check = config.validate_.model_copy(update={"on_fail": "warn"})  # report everything, then exit 1
+        data = config.data.model_copy(update={"source": source})
+        prepared = run_prepare(data, config.base, check.max_pixels, out / "prepare")
+        result = run_validate(check, out / "prepare", out, config.model.image_size, config.base.seed)
+    except VisiontuneError as exc:
+        typer.secho(f"visiontune audit: {exc}", fg="red", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(
+        f"{prepared.n_images} images, {len(prepared.classes)} classes: {result.n_quarantined} quarantined, "
+        f"{result.n_duplicate_groups} duplicate groups, {result.n_leaked} leaked into val/test, "
+        f"{result.n_label_issues} suspected label errors"
+    )
+    for line in result.failures:
+        typer.secho(f"  FAIL {line}", fg="red")
+    for line in result.warnings:
+        typer.secho(f"  warn {line}", fg="yellow")
+    typer.echo(f"report: {out / 'report.md'} (JSON: {result.report})")
+    if result.failures:
+        raise typer.Exit(1)
+
+
+@app.command()
 def summary(root: RootOpt = Path("data/prepared")) -> None:
     """Print where the last run's results are, and how to open the MLflow UI."""
     layout = stages.Layout(root)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 
 from visiontune.components.config import Params, load_params
@@ -28,6 +29,15 @@ export = _task("export")
 register = _task("register", retries=2, retry_delay_seconds=5)  # the tracking server is I/O
 
 
+@task(name="publish-validation-report", cache_policy=NONE)
+def publish_report(report: Path) -> None:
+    """The validation report as a Prefect markdown artifact."""
+    if report.exists():
+        create_markdown_artifact(
+            key="validation-report", markdown=report.read_text(), description="visiontune validate"
+        )
+
+
 @flow(name="training-pipeline", log_prints=True)
 def training_pipeline(
     params_path: str = "params.yaml",
@@ -38,7 +48,10 @@ def training_pipeline(
     params: Params = load_params(params_path, overrides)
     layout = stages.Layout(Path(root))
     prepare(params, layout)
-    validate(params, layout)
+    try:
+        validate(params, layout)
+    finally:  # the report is worth reading most when the gate fails
+        publish_report(layout.validate / "report.md")
     trained = train(params, layout)
     evaluated = evaluate(params, layout)
     exported = export(params, layout)

@@ -48,3 +48,27 @@ def test_overrides_reach_the_typed_params(tmp_path):
     assert loaded.train.lr == 3e-4 and loaded.model.image_size is None and loaded.train.hflip is True
     result = runner.invoke(app, ["prepare", "--set", "trainlr"])
     assert result.exit_code == 1 and "section.key=value" in result.output
+
+
+def test_audit_command_reports_and_exits_1_only_when_the_gate_fails(tmp_path):
+    from conftest import write_digits
+
+    data = write_digits(tmp_path / "raw", classes=(0, 1), per_class=12)
+    args = [
+        "--params",
+        str(tmp_path / "none.yaml"),
+        "--set",
+        "model.image_size=32",
+        "--set",
+        "validate.audit_folds=3",
+    ]
+    clean = runner.invoke(app, ["audit", str(data), "--out", str(tmp_path / "a1"), *args])
+    assert clean.exit_code == 0, clean.output
+    assert "24 images, 2 classes" in clean.output
+
+    write_digits(data, classes=(2,), per_class=1)  # a class with one image
+    out = tmp_path / "a2"
+    failing = runner.invoke(app, ["audit", str(data), "--out", str(out), *args])
+    assert failing.exit_code == 1, failing.output
+    assert "25 images, 3 classes" in failing.output and "FAIL min_per_class" in failing.output
+    assert (out / "report.json").exists() and (out / "report.md").exists()

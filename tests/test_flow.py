@@ -46,3 +46,11 @@ def test_failed_gate_fails_the_flow_with_its_message(trained, harness, tmp_path,
     with pytest.raises(Exception, match="min_per_class=10000"):
         state.result()
     assert not (tmp_path / "p" / "train").exists()
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["validation-report"]))
+        )
+    assert any("min_per_class" in (a.data or "") for a in found)
