@@ -27,8 +27,8 @@ test: install
 	python -m pytest
 
 lint: install
-	ruff check components pipelines tests
-	ruff format --check components pipelines tests
+	ruff check components pipelines tests bench
+	ruff format --check components pipelines tests bench
 
 mlflow-ui: install
 	mlflow server --backend-store-uri sqlite:///mlflow.db --default-artifact-root ./mlartifacts \
