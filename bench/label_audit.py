@@ -81,7 +81,7 @@ def quality(noise: list[float], seed: int) -> None:
             prepared = prepared_from(rows, noisy, work, f"noise{rate}")
             frame = pd.read_csv(prepared / "manifest.csv", dtype=str, keep_default_na=False)
             t0 = time.perf_counter()
-            result = label_audit(frame, SIZE, folds=5, seed=seed, out=work)
+            result = label_audit(frame, SIZE, folds=5, seed=seed, out=work, store=work / "cache")
             seconds = time.perf_counter() - t0
             position = {p: i for i, (p, _) in enumerate(rows)}
             flagged = {position[str(Path(x["path"]).absolute())] for x in result["issues"]}

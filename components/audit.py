@@ -15,17 +15,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import images
+from . import cache, images
 from . import model as models
 
 
-def embed(paths: list[str], size: int | None, batch_size: int = 128) -> np.ndarray:
-    """Pretrained features for image files, through the shared preprocessing."""
+def embed(frame: pd.DataFrame, size: int | None, store: Path, batch_size: int = 256) -> np.ndarray:
+    """Pretrained features of the manifest's images, read from the decoded store."""
     model, prep = models.embedder(size)
+    pixels, rows = cache.decoded(store, prep.size, frame["path"].tolist(), frame["sha256"].tolist())
     feats = []
-    for i in range(0, len(paths), batch_size):
-        pixels = images.load_batch(paths[i : i + batch_size], prep.size)
-        batch = images.normalize(pixels, prep.mean, prep.std)
+    for i in range(0, len(rows), batch_size):
+        batch = images.normalize(pixels[rows[i : i + batch_size]], prep.mean, prep.std)
         feats.append(models.pooled_stage_features(model, batch))
     return np.concatenate(feats)
 
@@ -80,7 +80,7 @@ def thumbnails(issues: list[dict], out: Path, limit: int = 24) -> Path | None:
     return path
 
 
-def label_audit(frame: pd.DataFrame, size: int | None, folds: int, seed: int, out: Path) -> dict:
+def label_audit(frame: pd.DataFrame, size: int | None, folds: int, seed: int, out: Path, store: Path) -> dict:
     """Audit every label in the manifest; returns the report's `label_audit` section and issues."""
     from cleanlab.dataset import find_overlapping_classes
     from cleanlab.filter import find_label_issues
@@ -103,7 +103,7 @@ def label_audit(frame: pd.DataFrame, size: int | None, folds: int, seed: int, ou
         return {"section": section, "issues": []}
     index = {c: i for i, c in enumerate(classes)}
     labels = audited["label"].map(index).to_numpy()
-    features = embed(audited["path"].tolist(), size)
+    features = embed(audited, size, store)
     embed_seconds = time.perf_counter() - started
     probs = out_of_sample_probs(features, labels, folds, seed)
     ranked = find_label_issues(

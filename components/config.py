@@ -58,20 +58,45 @@ class ModelConfig(Section):
     weights: str | None = None  # local weights file (.safetensors, .pth, .bin) for model.name
 
 
+class LoraConfig(Section):
+    r: int = Field(4, ge=1)  # rank of each low-rank update
+    alpha: float = Field(8.0, gt=0)  # scale = alpha / r
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | None = None  # None: ViT attention qkv+proj; CNN 1×1 convs and linears
+    include_mlp: bool = False  # ViT: also adapt the MLP (fc1, fc2)
+
+
 class TrainConfig(Section):
-    method: Literal["full"] = "full"
+    method: Literal["full", "linear", "lora"] = "full"
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(32, ge=1)
-    lr: float = Field(1e-3, gt=0)  # backbone lr (AdamW)
+    grad_accum: int = Field(1, ge=1)  # optimizer step every this many batches
+    lr: float | None = Field(None, gt=0)  # backbone lr (AdamW); None: the method's default below
     head_lr_scale: float = Field(3.0, gt=0)  # the new head learns this many times faster
+    layer_decay: float | None = Field(None, gt=0, le=1)  # lr × decay^depth from the head down
+    freeze: int = Field(0, ge=0)  # groups frozen from the stem: 1 = stem, 2 = stem + first stage, …
     weight_decay: float = Field(0.05, ge=0)
     warmup_epochs: float = Field(1.0, ge=0)
     label_smoothing: float = Field(0.1, ge=0, lt=1)
+    clip_grad_norm: float | None = Field(None, gt=0)
+    imbalance: Literal["none", "weights", "sampler"] = "none"
     patience: int = Field(3, ge=1)  # epochs without val-loss improvement before stopping
     min_delta: float = Field(0.0, ge=0)
     hflip: bool = False  # off by default: mirrored digits, text or scans change class
     crop_scale: float = Field(0.8, gt=0, le=1)  # smallest random-crop area kept, as a fraction
+    color_jitter: float = Field(0.1, ge=0, le=1)  # brightness/contrast/saturation strength
+    mixup: float = Field(0.0, ge=0)  # Beta(alpha, alpha) mixup; 0 = off
+    lora: LoraConfig = LoraConfig()
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    bf16: bool = True  # autocast to bfloat16 on CUDA (ignored on CPU)
+    channels_last: bool = True
+    compile: bool = False  # torch.compile the model (slow to start; pays off on long GPU runs)
+    deterministic: bool = False  # deterministic kernels (slower on GPU)
+
+    @property
+    def base_lr(self) -> float:
+        """train.lr, or the method's default: LoRA's low-rank updates want a larger step."""
+        return self.lr if self.lr is not None else {"full": 1e-3, "linear": 1e-3, "lora": 3e-3}[self.method]
 
 
 class EvaluateConfig(Section):

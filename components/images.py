@@ -123,3 +123,22 @@ def normalize(batch: np.ndarray, mean: Sequence[float], std: Sequence[float]) ->
     m = np.asarray(mean, dtype=np.float32).reshape(1, 3, 1, 1)
     s = np.asarray(std, dtype=np.float32).reshape(1, 3, 1, 1)
     return np.ascontiguousarray((x - m) / s)
+
+
+def unit_tensor(batch):
+    """torch uint8 NHWC → float NCHW in [0, 1] (training augments at this point)."""
+    return batch.permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def standardize_tensor(x, mean: Sequence[float], std: Sequence[float]):
+    """(x - mean) / std per channel for a float NCHW tensor in [0, 1]."""
+    import torch
+
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x - m) / s
+
+
+def normalize_tensor(batch, mean: Sequence[float], std: Sequence[float]):
+    """The same as `normalize`, for a torch uint8 NHWC batch already on its device."""
+    return standardize_tensor(unit_tensor(batch), mean, std)

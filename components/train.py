@@ -1,52 +1,57 @@
 """train stage: fine-tune a pretrained timm classifier on the manifest's train split.
 
-Run as `visiontune train` (a dvc.yaml stage) or called by the flow and tests. Images are
-decoded once into memory; every epoch augments them as batched tensor ops.
+Run as `visiontune train` (a dvc.yaml stage) or called by the flow and tests. Images come from
+the decoded store (decoded once per resolution); every epoch augments them as batched tensor ops
+on the training device. The state after each epoch is kept, so a killed run resumes.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import random
+import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from sklearn.metrics import f1_score
 from tqdm import tqdm
 
-from . import images, manifest
+from . import cache, images, manifest
 from . import model as models
 from .config import BaseConfig, ModelConfig, TrainConfig
 from .errors import VisiontuneError
 
 HISTORY_FIELDS = [
-    "epoch",
-    "train_loss",
-    "val_loss",
-    "val_accuracy",
-    "val_macro_f1",
-    "lr",
-    "images_per_s",
-    "seconds",
-]
+    "epoch", "train_loss", "val_loss", "val_accuracy", "val_macro_f1", "lr", "images_per_s", "seconds"
+]  # fmt: skip
+RESUME = "resume"  # folder of the last finished epoch's state; removed when training completes
 
 
 @dataclass(frozen=True)
 class TrainResult:
     checkpoint: str
+    method: str
     device: str
     best_epoch: int
     epochs_run: int
     stopped_early: bool
+    resumed_from_epoch: int
     best_val_loss: float
     best_val_accuracy: float
     train_images: int
+    trainable_parameters: int
+    total_parameters: int
+    trainable_percent: float
     images_per_s: float
     seconds: float
 
@@ -65,14 +70,20 @@ def pick_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
-def seed_everything(seed: int) -> None:
+def seed_everything(seed: int, deterministic: bool = False) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
 
 
-def augment(x: torch.Tensor, gen: torch.Generator, crop_scale: float, hflip: bool) -> torch.Tensor:
-    """Random resized crop (area in [crop_scale, 1], aspect 3/4–4/3) and optional flip, batched."""
+def augment(
+    x: torch.Tensor, gen: torch.Generator, crop_scale: float, hflip: bool, jitter: float = 0.0
+) -> torch.Tensor:
+    """Random resized crop (area in [crop_scale, 1], aspect 3/4–4/3), optional flip and colour
+    jitter, batched, on a float NCHW batch in [0, 1]; random numbers come from `gen` (CPU)."""
     n = x.shape[0]
     area = crop_scale + (1 - crop_scale) * torch.rand(n, generator=gen)
     log_ratio = math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * torch.rand(n, generator=gen)
@@ -81,29 +92,45 @@ def augment(x: torch.Tensor, gen: torch.Generator, crop_scale: float, hflip: boo
     h = (area / ratio).sqrt().clamp(max=1.0)
     cx = (1 - w) * (2 * torch.rand(n, generator=gen) - 1)  # centre, in [-1, 1] grid units
     cy = (1 - h) * (2 * torch.rand(n, generator=gen) - 1)
-    sx = w
-    if hflip:
-        sx = torch.where(torch.rand(n, generator=gen) < 0.5, -w, w)
+    sx = torch.where(torch.rand(n, generator=gen) < 0.5, -w, w) if hflip else w
     theta = torch.zeros(n, 2, 3)
     theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = sx, cx, h, cy
-    grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    if jitter > 0:
+        factors = (1 + jitter * (2 * torch.rand(3, n, 1, 1, 1, generator=gen) - 1)).to(x.device, x.dtype)
+        x = x * factors[0]  # brightness
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        x = (x - mean) * factors[1] + mean  # contrast
+        gray = x.mean(dim=1, keepdim=True)
+        x = (x - gray) * factors[2] + gray  # saturation
+        x = x.clamp(0, 1)
+    return x
 
 
 def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
-    """Head and backbone at their own lr; no weight decay on norms and biases (1-D tensors)."""
+    """Trainable parameters grouped by lr (head, backbone, optional layer decay by depth) and by
+    weight decay (none on norms and biases, i.e. 1-D tensors)."""
     head = {id(p) for p in models.head_parameters(model)}
-    groups: dict[tuple[bool, bool], list] = {}
-    for p in model.parameters():
-        if p.requires_grad:
-            groups.setdefault((id(p) in head, p.ndim <= 1), []).append(p)
+    depth: dict[str, int] = {}
+    deepest = 0
+    if cfg.layer_decay is not None:
+        depth = models.depth_groups(model)
+        deepest = max(depth.values())
+    groups: dict[tuple[float, bool], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if id(p) in head:
+            lr = cfg.base_lr * cfg.head_lr_scale
+        elif cfg.layer_decay is not None:
+            lr = cfg.base_lr * cfg.layer_decay ** (deepest - depth.get(name, deepest))
+        else:
+            lr = cfg.base_lr
+        groups.setdefault((lr, p.ndim <= 1), []).append(p)
     return [
-        {
-            "params": params,
-            "lr": cfg.lr * (cfg.head_lr_scale if is_head else 1.0),
-            "weight_decay": 0.0 if no_decay else cfg.weight_decay,
-        }
-        for (is_head, no_decay), params in sorted(groups.items())
+        {"params": params, "lr": lr, "weight_decay": 0.0 if no_decay else cfg.weight_decay}
+        for (lr, no_decay), params in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1]))
     ]
 
 
@@ -115,13 +142,30 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def class_weights(labels: np.ndarray, n_classes: int) -> torch.Tensor:
+    """Inverse-frequency weights, mean 1 over the classes present."""
+    counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
+    weights = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / n_classes, 0.0)
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def epoch_order(labels: np.ndarray, gen: torch.Generator, balanced: bool) -> np.ndarray:
+    """This epoch's order of training rows: a shuffle, or a class-balanced draw with replacement."""
+    n = len(labels)
+    if not balanced:
+        return torch.randperm(n, generator=gen).numpy()
+    per_image = 1.0 / np.bincount(labels)[labels]
+    return torch.multinomial(torch.tensor(per_image), n, replacement=True, generator=gen).numpy()
+
+
 @torch.no_grad()
-def _evaluate(model, x_u8, y, prep, device, batch_size) -> tuple[float, float, float]:
+def _evaluate(model, pixels, rows, y, prep, device, batch_size, autocast) -> tuple[float, float, float]:
     model.eval()
     losses, preds = [], []
     for i in range(0, len(y), batch_size):
-        x = torch.from_numpy(images.normalize(x_u8[i : i + batch_size], prep.mean, prep.std))
-        logits = model(x.to(device)).float()
+        batch = torch.from_numpy(pixels[rows[i : i + batch_size]]).to(device)
+        with autocast():
+            logits = model(images.normalize_tensor(batch, prep.mean, prep.std)).float()
         target = torch.from_numpy(y[i : i + batch_size]).to(device)
         losses.append(F.cross_entropy(logits, target, reduction="sum").item())
         preds.append(logits.argmax(1).cpu().numpy())
@@ -130,77 +174,192 @@ def _evaluate(model, x_u8, y, prep, device, batch_size) -> tuple[float, float, f
     return sum(losses) / len(y), float((pred == y).mean()), float(f1)
 
 
+def _fingerprint(cfg: TrainConfig, model_cfg: ModelConfig, base: BaseConfig, manifest_sha: str) -> str:
+    blob = json.dumps(
+        [cfg.model_dump(), model_cfg.model_dump(), base.model_dump(), manifest_sha], sort_keys=True
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _save_resume(folder: Path, model, optimizer, gen, best_state, info: dict) -> None:
+    """Everything needed to continue after this epoch, as safetensors + JSON (no pickle)."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tensors |= {f"best.{k}": v for k, v in (best_state or {}).items()}
+    opt = optimizer.state_dict()
+    for idx, state in opt["state"].items():
+        for key, value in state.items():
+            tensors[f"opt.{idx}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    tensors["rng.gen"] = gen.get_state()
+    tensors["rng.torch"] = torch.get_rng_state()
+    save_file(tensors, tmp / "state.safetensors")
+    (tmp / "state.json").write_text(json.dumps({**info, "param_groups": opt["param_groups"]}))
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.replace(folder)  # the old state stays until the new one is complete
+
+
+def _load_resume(folder: Path, model, optimizer, gen) -> tuple[dict, dict | None]:
+    tensors = load_file(folder / "state.safetensors")
+    info = json.loads((folder / "state.json").read_text())
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")} or None
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("opt."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": info.pop("param_groups")})
+    gen.set_state(tensors["rng.gen"])
+    torch.set_rng_state(tensors["rng.torch"])
+    return info, best
+
+
+def _build(cfg: TrainConfig, model_cfg: ModelConfig, n_classes: int):
+    """The model for train.method, its preprocessing, and the modules kept in eval mode."""
+    model, prep = models.create(model_cfg, num_classes=n_classes)
+    frozen: list[torch.nn.Module] = []
+    if cfg.method == "linear":
+        frozen = models.freeze_backbone(model)
+    elif cfg.method == "lora":
+        model = models.apply_lora(model, cfg.lora)
+    elif cfg.freeze:
+        frozen = models.freeze(model, cfg.freeze)
+    return model, prep, frozen
+
+
 def train(
-    cfg: TrainConfig, model_cfg: ModelConfig, base: BaseConfig, prepared: Path, out: Path
+    cfg: TrainConfig,
+    model_cfg: ModelConfig,
+    base: BaseConfig,
+    prepared: Path,
+    out: Path,
+    store: Path | None = None,
+    resume: Literal["auto", "never", "must"] = "auto",
 ) -> TrainResult:
     """Fine-tune on prepared/manifest.csv; write the best checkpoint and history.csv to out."""
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    frame = manifest.read(prepared / "manifest.csv")
+    manifest_path = prepared / "manifest.csv"
+    frame = manifest.read(manifest_path)
     class_names = manifest.class_names(frame)
     index = {name: i for i, name in enumerate(class_names)}
     device = pick_device(cfg.device)
-    seed_everything(base.seed)
-    model, prep = models.create(model_cfg, num_classes=len(class_names))
+    seed_everything(base.seed, cfg.deterministic)
+    model, prep, frozen = _build(cfg, model_cfg, len(class_names))
+    trainable, total = models.count_parameters(model)
+    tqdm.write(f"{cfg.method}: {trainable:,} of {total:,} parameters train ({100 * trainable / total:.2f} %)")
     model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    forward = torch.compile(model) if cfg.compile else model
+    autocast = (
+        (lambda: torch.autocast("cuda", dtype=torch.bfloat16))
+        if device.type == "cuda" and cfg.bf16
+        else nullcontext
+    )
 
-    splits = {}
-    for split in ("train", "val"):
-        rows = frame[frame["split"] == split]
-        splits[split] = (
-            images.load_batch(rows["path"].tolist(), prep.size),  # decoded once, reused each epoch
-            np.array(rows["label"].map(index), dtype=np.int64),
-        )
-    x_train, y_train = splits["train"]
-    x_val, y_val = splits["val"]
+    train_rows, val_rows = frame[frame["split"] == "train"], frame[frame["split"] == "val"]
+    pixels, rows = cache.decoded(
+        store or out.parent / "cache", prep.size, frame["path"].tolist(), frame["sha256"].tolist()
+    )  # decoded once per resolution; epochs read this memory map
+    row_of = dict(zip(frame["path"], rows, strict=True))
+    x_train = np.array([row_of[p] for p in train_rows["path"]], dtype=np.int64)
+    x_val = np.array([row_of[p] for p in val_rows["path"]], dtype=np.int64)
+    y_train = np.array(train_rows["label"].map(index), dtype=np.int64)
+    y_val = np.array(val_rows["label"].map(index), dtype=np.int64)
     n = len(y_train)
+    loss_weights = class_weights(y_train, len(class_names)).to(device) if cfg.imbalance == "weights" else None
 
     optimizer = torch.optim.AdamW(param_groups(model, cfg))
     base_lrs = [g["lr"] for g in optimizer.param_groups]
-    steps_per_epoch = max(1, n // cfg.batch_size + (n % cfg.batch_size > 1))
+    micro = cfg.batch_size
+    steps_per_epoch = max(1, math.ceil(math.ceil(n / micro) / cfg.grad_accum))
     total_steps = steps_per_epoch * cfg.epochs
     warmup = round(cfg.warmup_epochs * steps_per_epoch)
     gen = torch.Generator().manual_seed(base.seed)
 
-    history, best_state = [], None
+    history: list[dict] = []
     best = {"val_loss": math.inf, "epoch": 0, "val_accuracy": 0.0}
-    step, bad_epochs, stopped_early = 0, 0, False
-    for epoch in range(1, cfg.epochs + 1):
+    best_state, step, bad_epochs, start_epoch = None, 0, 0, 1
+    fingerprint = _fingerprint(cfg, model_cfg, base, images.sha256_file(manifest_path))
+    resume_dir = out / RESUME
+    saved = resume_dir / "state.json"
+    if resume == "never":
+        shutil.rmtree(resume_dir, ignore_errors=True)
+    elif saved.exists() and json.loads(saved.read_text()).get("fingerprint") == fingerprint:
+        info, best_state = _load_resume(resume_dir, model, optimizer, gen)
+        history, best, step, bad_epochs = info["history"], info["best"], info["step"], info["bad_epochs"]
+        start_epoch = info["epoch"] + 1
+        tqdm.write(f"resuming after epoch {info['epoch']} from {resume_dir}")
+    elif resume == "must":
+        raise VisiontuneError(f"{resume_dir}: no saved state of this run to resume; run without --resume")
+    resumed_from = start_epoch - 1
+
+    stopped_early = bool(history) and bad_epochs >= cfg.patience
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        if stopped_early:
+            break
         model.train()
+        for module in frozen:
+            module.eval()
         t0, seen, loss_sum = time.perf_counter(), 0, 0.0
-        perm = torch.randperm(n, generator=gen).numpy()
+        order = epoch_order(y_train, gen, cfg.imbalance == "sampler")
         bar = tqdm(total=n, unit="img", desc=f"epoch {epoch}/{cfg.epochs}", leave=False, mininterval=1.0)
-        for i in range(0, n, cfg.batch_size):
-            idx = perm[i : i + cfg.batch_size]
+        optimizer.zero_grad(set_to_none=True)
+        batches = [order[i : i + micro] for i in range(0, n, micro)]
+        for b, idx in enumerate(batches):
             if len(idx) < 2:  # batch norm cannot train on a single image
                 continue
-            x = torch.from_numpy(images.normalize(x_train[idx], prep.mean, prep.std)).to(device)
-            x = augment(x, gen, cfg.crop_scale, cfg.hflip)
+            batch = torch.from_numpy(pixels[x_train[idx]]).to(device, non_blocking=True)
+            x = augment(images.unit_tensor(batch), gen, cfg.crop_scale, cfg.hflip, cfg.color_jitter)
+            x = images.standardize_tensor(x, prep.mean, prep.std)
+            if cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             y = torch.from_numpy(y_train[idx]).to(device)
-            factor = lr_factor(step, warmup, total_steps)
-            for group, lr in zip(optimizer.param_groups, base_lrs, strict=True):
-                group["lr"] = lr * factor
-            logits = model(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
+            with autocast():
+                if cfg.mixup > 0:
+                    lam = float(torch.distributions.Beta(cfg.mixup, cfg.mixup).sample())
+                    perm = torch.randperm(len(idx), generator=gen).to(device)
+                    logits = forward(lam * x + (1 - lam) * x[perm])
+                    loss = lam * F.cross_entropy(
+                        logits, y, weight=loss_weights, label_smoothing=cfg.label_smoothing
+                    ) + (1 - lam) * F.cross_entropy(
+                        logits, y[perm], weight=loss_weights, label_smoothing=cfg.label_smoothing
+                    )
+                else:
+                    logits = forward(x)
+                    loss = F.cross_entropy(
+                        logits, y, weight=loss_weights, label_smoothing=cfg.label_smoothing
+                    )
+            (loss / cfg.grad_accum).backward()
+            if (b + 1) % cfg.grad_accum == 0 or b == len(batches) - 1:
+                if cfg.clip_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
+                factor = lr_factor(step, warmup, total_steps)
+                for group, lr in zip(optimizer.param_groups, base_lrs, strict=True):
+                    group["lr"] = lr * factor
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
             seen += len(idx)
-            # recorded without smoothing, so that it compares with val loss
-            loss_sum += F.cross_entropy(logits.detach(), y, reduction="sum").item()
+            # recorded without smoothing or weights, so that it compares with val loss
+            loss_sum += F.cross_entropy(logits.detach().float(), y, reduction="sum").item()
             bar.update(len(idx))
             bar.set_postfix(loss=f"{loss.item():.3f}")
         bar.close()
         train_seconds = time.perf_counter() - t0
-        val_loss, val_acc, val_f1 = _evaluate(model, x_val, y_val, prep, device, cfg.batch_size * 2)
+        val_loss, val_acc, val_f1 = _evaluate(
+            forward, pixels, x_val, y_val, prep, device, cfg.batch_size * 2, autocast
+        )
         row = {
             "epoch": epoch,
             "train_loss": loss_sum / max(1, seen),
             "val_loss": val_loss,
             "val_accuracy": val_acc,
             "val_macro_f1": val_f1,
-            "lr": base_lrs[0] * lr_factor(step - 1, warmup, total_steps),
+            "lr": cfg.base_lr * lr_factor(max(0, step - 1), warmup, total_steps),
             "images_per_s": seen / train_seconds,
             "seconds": time.perf_counter() - t0,
         }
@@ -211,40 +370,51 @@ def train(
         )
         if val_loss < best["val_loss"] - cfg.min_delta:
             best = {"val_loss": val_loss, "epoch": epoch, "val_accuracy": val_acc}
-            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            best_state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
             bad_epochs = 0
         else:
             bad_epochs += 1
-            if bad_epochs >= cfg.patience:
-                stopped_early = True
-                tqdm.write(f"early stop: val loss has not improved for {cfg.patience} epochs")
-                break
+        info = {"fingerprint": fingerprint, "epoch": epoch, "step": step, "history": history}
+        _save_resume(
+            resume_dir, model, optimizer, gen, best_state, {**info, "best": best, "bad_epochs": bad_epochs}
+        )
+        if bad_epochs >= cfg.patience:
+            stopped_early = True
+            tqdm.write(f"early stop: val loss has not improved for {cfg.patience} epochs")
 
     if best_state is None:
         raise VisiontuneError(
             f"training diverged: val loss was {history[-1]['val_loss']} in every epoch; lower train.lr"
         )
     model.load_state_dict(best_state)
+    if cfg.method == "lora":
+        model.save_pretrained(out / "adapter")  # the small file: adapters and the new head only
+        model = models.merge_lora(model)
     config = {"model": model_cfg.model_dump(), "train": cfg.model_dump(), "seed": base.seed}
     meta = models.checkpoint_meta(model_cfg.name, class_names, prep, config)
     meta["best_epoch"] = best["epoch"]
-    models.save_checkpoint(model, out, meta)
+    models.save_checkpoint(model.to("cpu", memory_format=torch.contiguous_format), out, meta)
     with open(out / "history.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=HISTORY_FIELDS)
         writer.writeheader()
         writer.writerows(history)
-    seconds = time.perf_counter() - started
+    shutil.rmtree(resume_dir, ignore_errors=True)  # finished: nothing left to resume
     result = TrainResult(
         checkpoint=str(out),
+        method=cfg.method,
         device=str(device),
         best_epoch=best["epoch"],
         epochs_run=len(history),
         stopped_early=stopped_early,
+        resumed_from_epoch=resumed_from,
         best_val_loss=best["val_loss"],
         best_val_accuracy=best["val_accuracy"],
         train_images=n,
+        trainable_parameters=trainable,
+        total_parameters=total,
+        trainable_percent=round(100 * trainable / total, 3),
         images_per_s=float(np.mean([h["images_per_s"] for h in history])),
-        seconds=seconds,
+        seconds=time.perf_counter() - started,
     )
     (out / "train.json").write_text(json.dumps(asdict(result), indent=2))
     return result

@@ -131,7 +131,12 @@ def _gate(cfg: ValidateConfig, report: dict, frame: pd.DataFrame) -> tuple[list[
 
 
 def validate(
-    cfg: ValidateConfig, prepared: Path, out: Path, audit_size: int | None = None, seed: int = 0
+    cfg: ValidateConfig,
+    prepared: Path,
+    out: Path,
+    audit_size: int | None = None,
+    seed: int = 0,
+    store: Path | None = None,
 ) -> ValidateResult:
     """Validate prepared/manifest.csv; write out/report.json and out/report.md; apply the gate."""
     out.mkdir(parents=True, exist_ok=True)
@@ -146,7 +151,7 @@ def validate(
     if cfg.label_audit:
         from .audit import label_audit
 
-        audit = label_audit(frame, audit_size, cfg.audit_folds, seed, out)
+        audit = label_audit(frame, audit_size, cfg.audit_folds, seed, out, store or out / "cache")
     else:
         audit = {"section": {"status": "off", "reason": None}, "issues": []}
 

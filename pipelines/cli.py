@@ -44,10 +44,12 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
-def _run_stage(name: str, params_path: Path, root: Path, overrides: list[str] | None = None) -> None:
+def _run_stage(
+    name: str, params_path: Path, root: Path, overrides: list[str] | None = None, **options
+) -> None:
     try:
         params = load_params(params_path, parse_overrides(overrides))
-        result = stages.STAGES[name](params, stages.Layout(root))
+        result = stages.STAGES[name](params, stages.Layout(root), **options)
     except VisiontuneError as exc:
         typer.secho(f"visiontune {name}: {exc}", fg="red", err=True)
         raise typer.Exit(1) from None
@@ -68,7 +70,27 @@ def _stage_command(name: str, summary: str) -> None:
 
 _stage_command("prepare", "Ingest data.source, decode-check every image, split, write the manifest.")
 _stage_command("validate", "Check the manifest (schema, unreadable images, class counts) and apply the gate.")
-_stage_command("train", "Fine-tune model.name on the train split; keep the best-val-loss checkpoint.")
+
+
+@app.command("train")
+def train_command(
+    params: ParamsOpt = Path("params.yaml"),
+    root: RootOpt = Path("data/prepared"),
+    set_: SetOpt = None,
+    resume: Annotated[
+        bool | None,
+        typer.Option(
+            "--resume/--fresh",
+            help="--resume: continue the interrupted run (an error if none); --fresh: start over. "
+            "Default: continue when an interrupted run of the same params and data is found.",
+        ),
+    ] = None,
+) -> None:
+    """Fine-tune model.name (train.method full, linear or lora); keep the best-val-loss checkpoint."""
+    mode = "auto" if resume is None else ("must" if resume else "never")
+    _run_stage("train", params, root, set_, resume=mode)
+
+
 _stage_command("evaluate", "Score the checkpoint on the test split: metrics.json and plots.")
 _stage_command("export", "Export ONNX, run onnx.checker and onnxruntime-vs-PyTorch parity.")
 _stage_command("register", "Log the candidate to MLflow and register its ONNX model (alias from params).")
@@ -114,7 +136,9 @@ def audit(
         check = config.validate_.model_copy(update={"on_fail": "warn"})  # report everything, then exit 1
         data = config.data.model_copy(update={"source": source})
         prepared = run_prepare(data, config.base, check.max_pixels, out / "prepare")
-        result = run_validate(check, out / "prepare", out, config.model.image_size, config.base.seed)
+        result = run_validate(
+            check, out / "prepare", out, config.model.image_size, config.base.seed, out / "cache"
+        )
     except VisiontuneError as exc:
         typer.secho(f"visiontune audit: {exc}", fg="red", err=True)
         raise typer.Exit(1) from None

@@ -19,6 +19,11 @@ class Layout:
     root: Path = Path("data/prepared")
 
     @property
+    def cache(self) -> Path:
+        """Decoded-image store shared by validate (label audit) and train."""
+        return self.root / "cache"
+
+    @property
     def prepare(self) -> Path:
         return self.root / "prepare"
 
@@ -52,13 +57,20 @@ def prepare(params: Params, layout: Layout):
 def validate(params: Params, layout: Layout):
     from visiontune.components.validate import validate as run
 
-    return run(params.validate_, layout.prepare, layout.validate, params.model.image_size, params.base.seed)
+    return run(
+        params.validate_,
+        layout.prepare,
+        layout.validate,
+        params.model.image_size,
+        params.base.seed,
+        layout.cache,
+    )
 
 
-def train(params: Params, layout: Layout):
+def train(params: Params, layout: Layout, resume: str = "auto"):
     from visiontune.components.train import train as run
 
-    return run(params.train, params.model, params.base, layout.prepare, layout.train)
+    return run(params.train, params.model, params.base, layout.prepare, layout.train, layout.cache, resume)
 
 
 def evaluate(params: Params, layout: Layout):
@@ -78,7 +90,7 @@ def register(params: Params, layout: Layout):
     from visiontune.components.tracking import register as run
 
     candidate = Candidate(
-        params=params.flat(),
+        params={**params.flat(), "train.resolved_lr": params.train.base_lr},
         prepare=layout.prepare / "prepare.json",
         validation=layout.validate,
         checkpoint=layout.train,

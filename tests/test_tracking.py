@@ -79,7 +79,8 @@ def candidate(trained):
 def _check_registered(uri: str, result, params, layout):
     client = MlflowClient(uri)
     run = client.get_run(result.run_id)
-    assert run.data.params["train.lr"] == str(params.train.lr)
+    assert run.data.params["train.lr"] == ("null" if params.train.lr is None else str(params.train.lr))
+    assert float(run.data.params["train.resolved_lr"]) == params.train.base_lr
     assert run.data.params["data.source"] == params.data.source
     assert run.data.tags["manifest_sha256"]
     assert "test_accuracy" in run.data.metrics

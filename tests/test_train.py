@@ -28,7 +28,7 @@ def test_training_learns_and_early_stopping_keeps_best(tmp_path):
     from visiontune.pipelines import stages
 
     data = write_digits(tmp_path / "raw", classes=(0, 1), per_class=30)
-    params = tiny_params(data, train={"epochs": 6, "patience": 1, "lr": 3e-3})
+    params = tiny_params(data, train={"epochs": 6, "patience": 1, "lr": 3e-3, "color_jitter": 0.0})
     layout = stages.Layout(tmp_path / "prep")
     stages.prepare(params, layout)
     result = stages.train(params, layout)

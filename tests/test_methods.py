@@ -1,0 +1,124 @@
+"""train.method: what trains and what stays frozen in full, freeze, linear and LoRA."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_params, write_digits
+from visiontune.components import model as models
+from visiontune.components.config import LoraConfig, ModelConfig, TrainConfig
+from visiontune.components.train import _build, class_weights, epoch_order, param_groups
+from visiontune.pipelines import stages
+
+
+def _step(model, size=32):
+    """One optimizer step, in whatever train/eval modes the caller set."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    x, y = torch.randn(4, 3, size, size), torch.tensor([0, 1, 2, 0])
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+
+
+def _snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_lora_changes_only_adapters_and_head_and_merges_exactly():
+    torch.manual_seed(0)
+    model, _ = models.create(ModelConfig(image_size=32), num_classes=3)
+    model = models.apply_lora(model, LoraConfig())
+    trainable, total = models.count_parameters(model)
+    assert trainable / total <= 0.05  # default LoRA on Lite0 trains ≤ 5 %
+    before = _snapshot(model)
+    _step(model)
+    changed = {
+        k
+        for k, v in model.state_dict().items()
+        if v.dtype.is_floating_point and not torch.equal(v, before[k])
+    }
+    weights_changed = {k for k in changed if not k.endswith(("running_mean", "running_var"))}
+    assert weights_changed and all("lora_" in k or "modules_to_save" in k for k in weights_changed)
+    model.eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        unmerged = model(x)
+        plain = models.merge_lora(model)
+        merged = plain(x)
+    torch.testing.assert_close(merged, unmerged, atol=1e-4, rtol=1e-4)
+    assert not any("lora_" in k for k in plain.state_dict())
+
+
+def test_vit_lora_targets_attention_and_optionally_mlp():
+    import timm
+
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, img_size=32)
+    attn = models.lora_targets(vit, LoraConfig())
+    assert attn and all(n.endswith(("attn.qkv", "attn.proj")) for n in attn)
+    with_mlp = models.lora_targets(vit, LoraConfig(include_mlp=True))
+    assert any(n.endswith("mlp.fc1") for n in with_mlp) and len(with_mlp) == 2 * len(attn)
+    named = models.lora_targets(vit, LoraConfig(target_modules=["qkv"]))
+    assert all(n.endswith("qkv") for n in named)
+
+
+def test_linear_probe_trains_only_the_head_and_keeps_norm_statistics():
+    cfg = TrainConfig(method="linear")
+    model, _, frozen = _build(cfg, ModelConfig(image_size=32), 3)
+    before = _snapshot(model)
+    model.train()
+    for module in frozen:
+        module.eval()
+    _step(model)
+    head = {k for k in before if k.startswith("classifier.")}
+    changed = {
+        k
+        for k, v in model.state_dict().items()
+        if v.dtype.is_floating_point and not torch.equal(v, before[k])
+    }
+    assert changed == head
+
+
+@pytest.mark.parametrize("name", ["tf_efficientnet_lite0", "resnet18", "vit_tiny_patch16_224"])
+def test_freeze_counts_groups_from_the_stem(name):
+    model, _ = models.create(ModelConfig(name=name, pretrained=False, image_size=32), num_classes=3)
+    depth = models.depth_groups(model)
+    frozen_modules = models.freeze(model, 2)  # the stem and the first stage or block
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {n for n, d in depth.items() if d < 2}
+    assert frozen_modules and all(d >= 2 for n, d in depth.items() if n not in frozen)
+    assert all(p.requires_grad for p in model.get_classifier().parameters())
+
+
+def test_layer_decay_lowers_lr_towards_the_stem():
+    model, _ = models.create(ModelConfig(image_size=32), num_classes=3)
+    groups = param_groups(model, TrainConfig(lr=1e-3, layer_decay=0.5, head_lr_scale=3))
+    lrs = sorted({g["lr"] for g in groups})
+    assert lrs[-1] == pytest.approx(3e-3) and lrs[0] < 1e-4
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def test_imbalance_weights_and_sampler():
+    labels = torch.tensor([0] * 90 + [1] * 10).numpy()
+    w = class_weights(labels, 2)
+    assert w[1] / w[0] == pytest.approx(9.0)
+    order = epoch_order(labels, torch.Generator().manual_seed(0), balanced=True)
+    share = (labels[order] == 1).mean()
+    assert 0.4 < share < 0.6  # the minority class fills about half of every epoch
+
+
+@pytest.mark.parametrize("method", ["lora", "linear"])
+def test_methods_train_end_to_end_and_export_plain_checkpoints(tmp_path, method):
+    data = write_digits(tmp_path / "raw", classes=(0, 1, 2), per_class=12)
+    params = tiny_params(data, train={"method": method, "epochs": 2})
+    layout = stages.Layout(tmp_path / "prep")
+    stages.prepare(params, layout)
+    result = stages.train(params, layout)
+    assert result.method == method and result.trainable_percent < 6
+    model, meta = models.load_checkpoint(layout.train)  # a plain timm model: LoRA merged
+    assert meta["config"]["train"]["method"] == method
+    if method == "lora":
+        adapter = layout.train / "adapter" / "adapter_model.safetensors"
+        assert adapter.stat().st_size < (layout.train / "model.safetensors").stat().st_size / 10
+        assert json.loads((layout.train / "adapter" / "adapter_config.json").read_text())["r"] == 4
+    exported = stages.export(params, layout)
+    assert exported.top1_agreement == 1.0

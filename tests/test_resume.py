@@ -1,0 +1,78 @@
+"""A training run killed with SIGKILL resumes from its last finished epoch and ends where an
+uninterrupted run of the same seed ends."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import tiny_params, write_digits
+from visiontune.pipelines import stages
+
+EXE = str(Path(sys.executable).with_name("visiontune"))
+
+
+@pytest.fixture
+def project(tmp_path):
+    data = write_digits(tmp_path / "raw", classes=(0, 1, 2), per_class=20)
+    params = tiny_params(data, train={"epochs": 6, "patience": 10})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params.model_dump(by_alias=True)))
+    layout = stages.Layout(tmp_path / "killed")
+    stages.prepare(params, layout)
+    return tmp_path, params, layout
+
+
+def _train(cwd: Path, root: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [EXE, "train", "--root", str(root), *extra], cwd=cwd, capture_output=True, text=True, timeout=600
+    )
+
+
+def test_sigkill_mid_run_then_rerun_resumes_and_matches(project):
+    tmp_path, params, layout = project
+    state = layout.train / "resume" / "state.json"
+    proc = subprocess.Popen(
+        [EXE, "train", "--root", str(layout.root)],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if state.exists() and json.loads(state.read_text())["epoch"] >= 2:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "training finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_after = json.loads(state.read_text())["epoch"]
+    assert killed_after < 6 and not (layout.train / "train.json").exists()
+
+    resumed = _train(tmp_path, layout.root)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resuming after epoch {killed_after}" in resumed.stdout
+    result = json.loads((layout.train / "train.json").read_text())
+    assert result["resumed_from_epoch"] == killed_after and result["epochs_run"] == 6
+    assert not state.exists()  # finished: nothing left to resume
+
+    clean = stages.Layout(tmp_path / "clean")
+    stages.prepare(params, clean)
+    reference = stages.train(params, clean)
+    assert result["best_val_loss"] == pytest.approx(reference.best_val_loss, abs=1e-4)
+    a = stages.evaluate(params, layout).metrics["test_accuracy"]
+    b = stages.evaluate(params, clean).metrics["test_accuracy"]
+    assert abs(a - b) <= 0.005
+
+
+def test_resume_flag_without_state_is_an_error_and_fresh_starts_over(project):
+    tmp_path, _, layout = project
+    missing = _train(tmp_path, layout.root, "--resume")
+    assert missing.returncode == 1 and "no saved state of this run to resume" in missing.stderr
+    fresh = _train(tmp_path, layout.root, "--fresh")
+    assert fresh.returncode == 0 and "resuming" not in fresh.stdout
