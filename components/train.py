@@ -14,6 +14,7 @@ import math
 import random
 import shutil
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -237,6 +238,7 @@ def train(
     out: Path,
     store: Path | None = None,
     resume: Literal["auto", "never", "must"] = "auto",
+    on_epoch_end: Callable[[int, torch.nn.Module], None] | None = None,
 ) -> TrainResult:
     """Fine-tune on prepared/manifest.csv; write the best checkpoint and history.csv to out."""
     started = time.perf_counter()
@@ -378,6 +380,8 @@ def train(
         _save_resume(
             resume_dir, model, optimizer, gen, best_state, {**info, "best": best, "bad_epochs": bad_epochs}
         )
+        if on_epoch_end is not None:  # e.g. a benchmark scoring the test split; not part of training
+            on_epoch_end(epoch, model)
         if bad_epochs >= cfg.patience:
             stopped_early = True
             tqdm.write(f"early stop: val loss has not improved for {cfg.patience} epochs")
