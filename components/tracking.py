@@ -126,6 +126,19 @@ def register(cfg: RegisterConfig, candidate: Candidate, out: Path) -> RegisterRe
         for i in range(0, len(history), 900):  # one request per 900 values, not one per value
             client.log_batch(run_id, metrics=history[i : i + 900])
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+        train_json = candidate.checkpoint / "train.json"
+        if train_json.exists():  # what the run was: device, epochs, trainable share, speed
+            outcome = json.loads(train_json.read_text())
+            keys = (
+                "method",
+                "device",
+                "best_epoch",
+                "epochs_run",
+                "trainable_parameters",
+                "trainable_percent",
+            )
+            mlflow.log_params({f"result.{k}": outcome[k] for k in keys if k in outcome})
+            mlflow.log_metric("train_images_per_s", float(outcome["images_per_s"]))
         for folder, name in (
             (candidate.validation, "validation"),
             (candidate.evaluation, "evaluation"),

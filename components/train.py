@@ -308,7 +308,14 @@ def train(
             module.eval()
         t0, seen, loss_sum = time.perf_counter(), 0, 0.0
         order = epoch_order(y_train, gen, cfg.imbalance == "sampler")
-        bar = tqdm(total=n, unit="img", desc=f"epoch {epoch}/{cfg.epochs}", leave=False, mininterval=1.0)
+        bar = tqdm(
+            total=n,
+            unit="img",
+            desc=f"epoch {epoch}/{cfg.epochs}",
+            leave=False,
+            mininterval=1.0,
+            disable=None,
+        )
         optimizer.zero_grad(set_to_none=True)
         batches = [order[i : i + micro] for i in range(0, n, micro)]
         for b, idx in enumerate(batches):

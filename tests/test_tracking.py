@@ -83,7 +83,8 @@ def _check_registered(uri: str, result, params, layout):
     assert float(run.data.params["train.resolved_lr"]) == params.train.base_lr
     assert run.data.params["data.source"] == params.data.source
     assert run.data.tags["manifest_sha256"]
-    assert "test_accuracy" in run.data.metrics
+    assert "test_accuracy" in run.data.metrics and run.data.metrics["train_images_per_s"] > 0
+    assert run.data.params["result.trainable_percent"] == "100.0"
     history = client.get_metric_history(result.run_id, "val_loss")
     assert [m.step for m in history] == [1]
     artifacts = {f.path for f in client.list_artifacts(result.run_id, "evaluation")}
