@@ -86,6 +86,7 @@ class TrainConfig(Section):
     crop_scale: float = Field(0.8, gt=0, le=1)  # smallest random-crop area kept, as a fraction
     color_jitter: float = Field(0.1, ge=0, le=1)  # brightness/contrast/saturation strength
     mixup: float = Field(0.0, ge=0)  # Beta(alpha, alpha) mixup; 0 = off
+    randaugment: int = Field(0, ge=0)  # RandAugment operations per image (magnitude 9); 0 = off
     lora: LoraConfig = LoraConfig()
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     bf16: bool = True  # autocast to bfloat16 on CUDA (ignored on CPU)

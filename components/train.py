@@ -281,6 +281,11 @@ def train(
     total_steps = steps_per_epoch * cfg.epochs
     warmup = round(cfg.warmup_epochs * steps_per_epoch)
     gen = torch.Generator().manual_seed(base.seed)
+    randaugment = None
+    if cfg.randaugment:
+        from torchvision.transforms import v2
+
+        randaugment = v2.RandAugment(num_ops=cfg.randaugment, magnitude=9)  # draws from torch's seeded RNG
 
     history: list[dict] = []
     best = {"val_loss": math.inf, "epoch": 0, "val_accuracy": 0.0}
@@ -322,6 +327,9 @@ def train(
             if len(idx) < 2:  # batch norm cannot train on a single image
                 continue
             batch = torch.from_numpy(pixels[x_train[idx]]).to(device, non_blocking=True)
+            if randaugment is not None:  # per image on uint8 NCHW, then back to NHWC
+                chw = batch.permute(0, 3, 1, 2)
+                batch = torch.stack([randaugment(img) for img in chw]).permute(0, 2, 3, 1)
             x = augment(images.unit_tensor(batch), gen, cfg.crop_scale, cfg.hflip, cfg.color_jitter)
             x = images.standardize_tensor(x, prep.mean, prep.std)
             if cfg.channels_last:

@@ -122,3 +122,23 @@ def test_methods_train_end_to_end_and_export_plain_checkpoints(tmp_path, method)
         assert json.loads((layout.train / "adapter" / "adapter_config.json").read_text())["r"] == 4
     exported = stages.export(params, layout)
     assert exported.top1_agreement == 1.0
+
+
+def test_augmentation_options_train(tmp_path):
+    data = write_digits(tmp_path / "raw", classes=(0, 1, 2), per_class=12)
+    train_opts = {
+        "randaugment": 2,
+        "mixup": 0.2,
+        "hflip": True,
+        "imbalance": "sampler",
+        "grad_accum": 2,
+        "clip_grad_norm": 1.0,
+        "freeze": 2,
+        "layer_decay": 0.8,
+    }
+    params = tiny_params(data, train=train_opts)
+    layout = stages.Layout(tmp_path / "prep")
+    stages.prepare(params, layout)
+    result = stages.train(params, layout)
+    assert result.epochs_run == 1 and result.trainable_percent < 100
+    assert json.loads((layout.train / "checkpoint.json").read_text())["config"]["train"]["randaugment"] == 2
