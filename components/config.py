@@ -102,6 +102,8 @@ class TrainConfig(Section):
 
 class EvaluateConfig(Section):
     batch_size: int = Field(64, ge=1)
+    top_k: int = Field(5, ge=1)  # top-k accuracy
+    gallery: int = Field(24, ge=0)  # misclassified test images shown, most confident first
 
 
 class ExportConfig(Section):

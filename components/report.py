@@ -98,3 +98,90 @@ def validation_markdown(report: dict, max_rows: int = 50) -> str:
         for e in report["schema_errors"][:max_rows]
     ] or ["None."]
     return "\n".join(lines) + "\n"
+
+
+def _img(path) -> str:
+    import base64
+    from pathlib import Path
+
+    data = base64.b64encode(Path(path).read_bytes()).decode()
+    return f'<img src="data:image/png;base64,{data}" alt="{Path(path).stem}">'
+
+
+def _html_table(header: list[str], rows: list[list]) -> str:
+    from html import escape
+
+    head = "".join(f"<th>{escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def evaluation_html(
+    flat: dict,
+    per_class: dict,
+    figures: dict,
+    meta: dict,
+    validation: dict | None,
+    mistakes: list[dict],
+    history: list[dict],
+) -> str:
+    """One self-contained page (images inlined): validation summary, metrics, plots, mistakes."""
+    from html import escape
+
+    test = {k.removeprefix("test_"): v for k, v in flat.items() if k.startswith("test_")}
+    val = {k.removeprefix("val_"): v for k, v in flat.items() if k.startswith("val_")}
+    keys = [k for k in test if k != "images"]
+    metric_rows = [[k, f"{test[k]:.4f}", f"{val[k]:.4f}" if k in val else "–"] for k in keys]
+    metric_rows.append(["images", test.get("images"), val.get("images", "–")])
+    class_rows = [
+        [name, f"{c['precision']:.3f}", f"{c['recall']:.3f}", f"{c['f1']:.3f}", c["support"]]
+        for name, c in sorted(per_class.items(), key=lambda kv: kv[1]["f1"])
+    ]
+    train_cfg = meta.get("config", {}).get("train", {})
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>visiontune evaluation</title>",
+        "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;"
+        "text-align:right}td:first-child,th:first-child{text-align:left}img{max-width:100%}"
+        ".fail{color:#b00}.warn{color:#a60}</style></head><body>",
+        "<h1>Evaluation report</h1>",
+        f"<p>Model <b>{escape(meta['architecture'])}</b>, "
+        f"method <b>{escape(str(train_cfg.get('method')))}</b>, "
+        f"{len(meta['class_names'])} classes, {meta['preprocessing']['size']} px, best epoch "
+        f"{meta.get('best_epoch')} of {len(history)}. Test accuracy <b>{test.get('accuracy', 0):.4f}</b>, "
+        f"macro F1 <b>{test.get('macro_f1', 0):.4f}</b>, ECE {test.get('ece', 0):.4f}.</p>",
+    ]
+    if validation is not None:
+        audit = validation.get("label_audit", {})
+        parts.append("<h2>Data validation</h2>")
+        parts.append(
+            f"<p>Gate <b>{'passed' if validation['passed'] else 'FAILED'}</b>; "
+            f"{validation['n_images']} images, "
+            f"{len(validation.get('quarantined', []))} quarantined, {len(validation.get('duplicates', []))} "
+            f"duplicate groups, {len(validation.get('leakage', []))} leaked into val/test, "
+            f"{len(validation.get('label_issues', []))} suspected label errors"
+            + (f" ({audit.get('flagged_fraction', 0):.1%})" if audit.get("status") == "ran" else "")
+            + ".</p>"
+        )
+        parts += [f"<p class='fail'>✗ {escape(f)}</p>" for f in validation.get("failures", [])]
+        parts += [f"<p class='warn'>⚠ {escape(w)}</p>" for w in validation.get("warnings", [])]
+        if validation.get("label_issues"):
+            rows = [[x["path"], x["given_label"], x["suggested_label"], f"{x['score']:.3f}"]
+                    for x in validation["label_issues"][:10]]  # fmt: skip
+            parts.append(_html_table(["suspect", "given", "suggested", "score"], rows))
+    parts += ["<h2>Metrics</h2>", _html_table(["metric", "test", "val"], metric_rows)]
+    if "curves" in figures:
+        parts += ["<h2>Training curves</h2>", _img(figures["curves"])]
+    parts += ["<h2>Confusion matrix</h2>", _img(figures["confusion"])]
+    parts += ["<h2>Per class (test, worst F1 first)</h2>", _img(figures["per_class_f1"])]
+    parts.append(_html_table(["class", "precision", "recall", "F1", "support"], class_rows))
+    parts += ["<h2>Calibration</h2>", _img(figures["reliability"])]
+    parts.append(f"<h2>Misclassified test images ({len(mistakes)} shown, most confident first)</h2>")
+    if "mistakes" in figures:
+        parts.append(_img(figures["mistakes"]))
+        rows = [[m["path"], m["label"], m["predicted"], f"{m['confidence']:.3f}"] for m in mistakes]
+        parts.append(_html_table(["file", "true", "predicted", "confidence"], rows))
+    else:
+        parts.append("<p>None: every test image was classified correctly.</p>")
+    parts.append("</body></html>")
+    return "\n".join(parts)

@@ -144,9 +144,10 @@ def register(cfg: RegisterConfig, candidate: Candidate, out: Path) -> RegisterRe
             (candidate.evaluation, "evaluation"),
             (candidate.checkpoint, "checkpoint"),
         ):
-            for path in sorted(folder.iterdir()):
+            for path in sorted(folder.rglob("*")):
                 if path.is_file() and not path.name.startswith("."):  # not DVC's .gitignore
-                    mlflow.log_artifact(str(path), name)
+                    where = path.parent.relative_to(folder).as_posix()
+                    mlflow.log_artifact(str(path), name if where == "." else f"{name}/{where}")
 
         size = train_meta["preprocessing"]["size"]
         signature = ModelSignature(

@@ -151,7 +151,7 @@ def validate(
     if cfg.label_audit:
         from .audit import label_audit
 
-        audit = label_audit(frame, audit_size, cfg.audit_folds, seed, out, store or out / "cache")
+        audit = label_audit(frame, audit_size, cfg.audit_folds, seed, out, store or prepared.parent / "cache")
     else:
         audit = {"section": {"status": "off", "reason": None}, "issues": []}
 

@@ -168,7 +168,10 @@ def summary(root: RootOpt = Path("data/prepared")) -> None:
             f"{k.removeprefix('test_')} {v:.4f}" for k, v in metrics.items() if k != "test_images"
         )
         lines.append(f"  test metrics    {metrics_path}  ({shown}; {metrics.get('test_images')} images)")
-    for plot in sorted(layout.evaluate.glob("*.png")):
+    report = layout.evaluate / "details" / "report.html"
+    if report.exists():
+        lines.append(f"  report          {report}  (metrics, curves, confusion, calibration, mistakes)")
+    for plot in sorted((layout.evaluate / "details").glob("*.png")):
         lines.append(f"  plot            {plot}")
     lines.append(f"  loss curves     dvc plots show   (data: {layout.train / 'history.csv'})")
     onnx = layout.export / "model.onnx"

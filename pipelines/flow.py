@@ -38,6 +38,26 @@ def publish_report(report: Path) -> None:
         )
 
 
+@task(name="publish-evaluation", cache_policy=NONE)
+def publish_evaluation(metrics: dict[str, float], report: str, registered) -> None:
+    """Test and val metrics as a Prefect markdown artifact, with where the run and report are."""
+    rows = sorted({k.split("_", 1)[1] for k in metrics})
+    table = ["| metric | test | val |", "|---|---:|---:|"]
+    for key in rows:
+        test, val = metrics.get(f"test_{key}"), metrics.get(f"val_{key}")
+        table.append(
+            f"| {key} | {'' if test is None else f'{test:.4f}'} | {'' if val is None else f'{val:.4f}'} |"
+        )
+    uri = registered.tracking_uri
+    run = registered.run_id
+    link = f"{uri}/#/experiments/{registered.experiment_id}/runs/{run}" if uri.startswith("http") else run
+    markdown = "\n".join(
+        ["# Evaluation", "", *table, "", f"MLflow run: {link} ({uri})",
+         f"Model version: {registered.model_uri} (v{registered.version})", f"Report: {report}"]
+    )  # fmt: skip
+    create_markdown_artifact(key="evaluation-metrics", markdown=markdown, description="visiontune evaluate")
+
+
 @flow(name="training-pipeline", log_prints=True)
 def training_pipeline(
     params_path: str = "params.yaml",
@@ -56,6 +76,7 @@ def training_pipeline(
     evaluated = evaluate(params, layout)
     exported = export(params, layout)
     registered = register(params, layout)
+    publish_evaluation(evaluated.metrics, evaluated.report, registered)
     return {
         "train": trained,
         "metrics": evaluated.metrics,

@@ -76,7 +76,7 @@ def train(params: Params, layout: Layout, resume: str = "auto"):
 def evaluate(params: Params, layout: Layout):
     from visiontune.components.evaluate import evaluate as run
 
-    return run(params.evaluate, layout.prepare, layout.train, layout.evaluate)
+    return run(params.evaluate, layout.prepare, layout.train, layout.evaluate, layout.validate)
 
 
 def export(params: Params, layout: Layout):

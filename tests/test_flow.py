@@ -32,6 +32,14 @@ def test_flow_matches_the_stage_by_stage_run(trained, harness, tmp_path, monkeyp
     assert out["version"] == "1" and out["model_uri"].endswith("@candidate")
     assert (tmp_path / "prepared" / "export" / "model.onnx").exists()
     assert (tmp_path / "mlflow.db").exists()
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["evaluation-metrics"]))
+        )
+    assert any("| accuracy |" in (a.data or "") for a in found)
 
 
 def test_failed_gate_fails_the_flow_with_its_message(trained, harness, tmp_path, monkeypatch):

@@ -88,7 +88,9 @@ def _check_registered(uri: str, result, params, layout):
     history = client.get_metric_history(result.run_id, "val_loss")
     assert [m.step for m in history] == [1]
     artifacts = {f.path for f in client.list_artifacts(result.run_id, "evaluation")}
-    assert "evaluation/confusion_matrix.png" in artifacts
+    details = {f.path for f in client.list_artifacts(result.run_id, "evaluation/details")}
+    assert {"evaluation/details/confusion_matrix.png", "evaluation/details/report.html"} <= details
+    assert "evaluation/metrics.json" in artifacts
     checkpoint = {f.path for f in client.list_artifacts(result.run_id, "checkpoint")}
     assert {"checkpoint/model.safetensors", "checkpoint/checkpoint.json"} <= checkpoint
     assert {f.path for f in client.list_artifacts(result.run_id, "validation")} >= {

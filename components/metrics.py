@@ -1,0 +1,91 @@
+"""Classification metrics from class probabilities: the numbers evaluate reports. Runs nothing."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
+
+
+def expected_calibration_error(probs: np.ndarray, y_true: np.ndarray, bins: int = 15) -> float:
+    """Weighted mean |accuracy − confidence| over equal-width confidence bins of the top-1 class."""
+    confidence = probs.max(1)
+    correct = probs.argmax(1) == y_true
+    edges = np.linspace(0, 1, bins + 1)
+    ece = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        inside = (confidence > lo) & (confidence <= hi)
+        if inside.any():
+            ece += inside.mean() * abs(correct[inside].mean() - confidence[inside].mean())
+    return float(ece)
+
+
+def reliability(probs: np.ndarray, y_true: np.ndarray, bins: int = 15) -> list[dict]:
+    """Per confidence bin: mean confidence, accuracy and count (for the reliability diagram)."""
+    confidence, correct = probs.max(1), probs.argmax(1) == y_true
+    edges = np.linspace(0, 1, bins + 1)
+    rows = []
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        inside = (confidence > lo) & (confidence <= hi)
+        rows.append(
+            {
+                "low": float(lo),
+                "high": float(hi),
+                "count": int(inside.sum()),
+                "confidence": float(confidence[inside].mean()) if inside.any() else None,
+                "accuracy": float(correct[inside].mean()) if inside.any() else None,
+            }
+        )
+    return rows
+
+
+def summary(probs: np.ndarray, y_true: np.ndarray, split: str, top_k: int) -> dict[str, float]:
+    """Flat metrics for one split, keyed '<split>_<metric>' (DVC metrics, MLflow)."""
+    y_pred = probs.argmax(1)
+    out: dict[str, float] = {
+        f"{split}_accuracy": float(accuracy_score(y_true, y_pred)),
+        f"{split}_images": int(len(y_true)),
+    }
+    k = min(top_k, probs.shape[1])
+    top = np.argsort(-probs, axis=1)[:, :k]
+    out[f"{split}_top{k}_accuracy"] = float((top == y_true[:, None]).any(1).mean())
+    for average in ("macro", "weighted"):
+        p, r, f1, _ = precision_recall_fscore_support(y_true, y_pred, average=average, zero_division=0)
+        out |= {f"{split}_{average}_precision": float(p), f"{split}_{average}_recall": float(r)}
+        out[f"{split}_{average}_f1"] = float(f1)
+    out[f"{split}_ece"] = expected_calibration_error(probs, y_true)
+    return out
+
+
+def per_class(probs: np.ndarray, y_true: np.ndarray, class_names: list[str]) -> dict[str, dict]:
+    """Precision, recall, F1 and support of every class."""
+    labels = list(range(len(class_names)))
+    p, r, f1, support = precision_recall_fscore_support(
+        y_true, probs.argmax(1), labels=labels, average=None, zero_division=0
+    )
+    return {
+        name: {
+            "precision": float(p[i]),
+            "recall": float(r[i]),
+            "f1": float(f1[i]),
+            "support": int(support[i]),
+        }
+        for i, name in enumerate(class_names)
+    }
+
+
+def confusion(probs: np.ndarray, y_true: np.ndarray, n_classes: int) -> np.ndarray:
+    """Counts: rows are true classes, columns predicted."""
+    return confusion_matrix(y_true, probs.argmax(1), labels=list(range(n_classes)))
+
+
+def overfitting_epoch(history: list[dict]) -> int | None:
+    """The first epoch after the best one where val loss rose while train loss fell, if any."""
+    if not history:
+        return None
+    best = min(range(len(history)), key=lambda i: float(history[i]["val_loss"]))
+    for i in range(max(1, best + 1), len(history)):
+        rose = float(history[i]["val_loss"]) > float(history[i - 1]["val_loss"])
+        fell = float(history[i]["train_loss"]) < float(history[i - 1]["train_loss"])
+        if rose and fell:
+            return int(history[i]["epoch"])
+    return None
