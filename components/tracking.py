@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import RegisterConfig
+from .errors import VisiontuneError
 
 DEFAULT_DB = "mlflow.db"  # embedded store: a SQLite file and an artifact folder in the project
 DEFAULT_ARTIFACTS = "mlartifacts"
@@ -51,6 +52,22 @@ def tracking_uri(project: Path | None = None) -> str:
     if uri:
         return uri
     return f"sqlite:///{(project or Path.cwd()).absolute() / DEFAULT_DB}"
+
+
+def download_model(model_uri: str, dest: Path | None = None) -> Path:
+    """The ONNX file of a registered model (models:/NAME@ALIAS or models:/NAME/VERSION)."""
+    import mlflow
+
+    try:
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=model_uri, tracking_uri=tracking_uri(), dst_path=str(dest) if dest else None
+        )
+    except Exception as exc:  # an unknown name/alias or an unreachable server; both need the user
+        raise VisiontuneError(
+            f"{model_uri}: cannot fetch it from {tracking_uri()} ({type(exc).__name__}: {exc}); "
+            "check the name and alias, and MLFLOW_TRACKING_URI"
+        ) from None
+    return Path(local) / "model.onnx"
 
 
 def _git(*args: str) -> str | None:

@@ -157,6 +157,31 @@ def audit(
 
 
 @app.command()
+def predict(
+    inputs: Annotated[list[str], typer.Argument(help="Image files or folders (searched recursively).")],
+    model: Annotated[
+        str, typer.Option("--model", help="An ONNX file or folder, or models:/NAME@ALIAS from the registry.")
+    ] = "data/prepared/export/model.onnx",
+    top_k: Annotated[int, typer.Option("--top-k", min=1, help="Labels to list per image.")] = 1,
+) -> None:
+    """Classify images with an exported model (the training preprocessing); prints JSON."""
+    from visiontune.components.predict import OnnxClassifier, collect
+
+    try:
+        path = Path(model)
+        if model.startswith("models:/"):
+            from visiontune.components.tracking import download_model
+
+            path = download_model(model)
+        classifier = OnnxClassifier(path)
+        results = classifier.predict(collect(inputs), top_k=top_k)
+    except VisiontuneError as exc:
+        typer.secho(f"visiontune predict: {exc}", fg="red", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(json.dumps(results, indent=2))
+
+
+@app.command()
 def summary(root: RootOpt = Path("data/prepared")) -> None:
     """Print where the last run's results are, and how to open the MLflow UI."""
     layout = stages.Layout(root)

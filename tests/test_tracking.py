@@ -128,3 +128,18 @@ def test_register_to_the_embedded_store_by_default(candidate, monkeypatch, tmp_p
     result = stages.register(params, layout)
     assert (tmp_path / "mlflow.db").exists() and (tmp_path / "mlartifacts").is_dir()
     _check_registered(result.tracking_uri, result, params, layout)
+    # predict straight from the registry gives what the exported file gives
+    import json
+
+    from typer.testing import CliRunner
+
+    from visiontune.pipelines.cli import app
+
+    images = [str(p) for p in sorted(Path(params.data.source).rglob("*.png"))[:5]]
+    runner = CliRunner()
+    remote = runner.invoke(app, ["predict", *images, "--model", result.model_uri])
+    local = runner.invoke(app, ["predict", *images, "--model", str(layout.export / "model.onnx")])
+    assert remote.exit_code == 0, remote.output
+    assert [r["label"] for r in json.loads(remote.output)] == [r["label"] for r in json.loads(local.output)]
+    missing = runner.invoke(app, ["predict", *images, "--model", "models:/no-such-model@candidate"])
+    assert missing.exit_code == 1 and "MLFLOW_TRACKING_URI" in missing.output

@@ -1,0 +1,87 @@
+"""Prediction with an exported ONNX model, through the same preprocessing as training.
+
+The model file carries its own class names, mean, std and input size (ONNX metadata), so nothing
+else is needed to predict. Used by `visiontune predict`; imported, never run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from . import images
+from .errors import VisiontuneError
+
+
+class OnnxClassifier:
+    """An exported model on onnxruntime (CPU unless another provider is asked for)."""
+
+    def __init__(self, path: Path, providers: list[str] | None = None):
+        import onnxruntime as ort
+
+        path = Path(path)
+        if path.is_dir():
+            path = path / "model.onnx"
+        if not path.is_file():
+            raise VisiontuneError(f"{path}: no ONNX model here; run `visiontune export` or pass --model")
+        self.session = ort.InferenceSession(str(path), providers=providers or ["CPUExecutionProvider"])
+        meta = self.session.get_modelmeta().custom_metadata_map
+        missing = {"class_names", "mean", "std", "image_size"} - set(meta)
+        if missing:
+            raise VisiontuneError(f"{path}: ONNX metadata lacks {sorted(missing)}; export it with visiontune")
+        self.path = path
+        self.class_names: list[str] = json.loads(meta["class_names"])
+        self.mean, self.std = json.loads(meta["mean"]), json.loads(meta["std"])
+        self.size = int(meta["image_size"])
+        self.input = self.session.get_inputs()[0].name
+
+    def logits(self, pixels: np.ndarray) -> np.ndarray:
+        """Logits for a uint8 NHWC batch already resized to the model's size."""
+        return self.session.run(None, {self.input: images.normalize(pixels, self.mean, self.std)})[0]
+
+    def predict(self, paths: list[str], top_k: int = 1, batch_size: int = 32) -> list[dict]:
+        """One result per file: the top-k labels with probabilities, or the reason it was unreadable."""
+        results: list[dict] = []
+        k = min(top_k, len(self.class_names))
+        for start in range(0, len(paths), batch_size):
+            chunk, pixels = [], []
+            for path in paths[start : start + batch_size]:
+                try:
+                    pixels.append(images.load_resized(path, self.size))
+                    chunk.append(path)
+                except images.ImageDecodeError as exc:
+                    results.append({"path": str(path), "error": str(exc)})
+            if not chunk:
+                continue
+            logits = self.logits(np.stack(pixels))
+            probs = np.exp(logits - logits.max(1, keepdims=True))
+            probs /= probs.sum(1, keepdims=True)
+            for path, p in zip(chunk, probs, strict=True):
+                order = np.argsort(-p)[:k]
+                results.append(
+                    {
+                        "path": str(path),
+                        "label": self.class_names[order[0]],
+                        "confidence": float(p[order[0]]),
+                        "top_k": [{"label": self.class_names[i], "probability": float(p[i])} for i in order],
+                    }
+                )
+        return results
+
+
+def collect(inputs: list[str]) -> list[str]:
+    """Image files named directly, plus the image files under the named folders (sorted)."""
+    found = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found += sorted(
+                str(p) for p in path.rglob("*") if p.is_file() and p.suffix.lower() in images.IMAGE_EXTENSIONS
+            )
+        elif path.exists():
+            found.append(str(path))
+        else:
+            raise VisiontuneError(f"{path}: no such file or folder")
+    return found

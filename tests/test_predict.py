@@ -1,0 +1,51 @@
+"""predict: the ONNX model with the training preprocessing gives the PyTorch model's answers."""
+
+import json
+
+import numpy as np
+from typer.testing import CliRunner
+
+from visiontune.components import manifest
+from visiontune.components import model as models
+from visiontune.components.evaluate import batches
+from visiontune.components.predict import OnnxClassifier, collect
+from visiontune.pipelines import stages
+from visiontune.pipelines.cli import app
+
+
+def test_predictions_equal_pytorch_on_the_test_split(trained):
+    params, layout = trained
+    stages.export(params, layout)
+    frame = manifest.read(layout.prepare / "manifest.csv")
+    paths = frame.loc[frame["split"] == "test", "path"].tolist()
+    model, meta = models.load_checkpoint(layout.train)
+    prep = models.preprocessing_of(meta)
+    torch_logits = models.predict_logits(model, batches(paths, prep.size, prep.mean, prep.std, 16))
+    expected = [meta["class_names"][i] for i in torch_logits.argmax(1)]
+    results = OnnxClassifier(layout.export / "model.onnx").predict(paths, top_k=2)
+    assert [r["label"] for r in results] == expected
+    assert all(len(r["top_k"]) == 2 and r["top_k"][0]["label"] == r["label"] for r in results)
+    probs = np.array([r["confidence"] for r in results])
+    assert ((probs > 0) & (probs <= 1)).all()
+
+
+def test_cli_predicts_a_folder_and_reports_unreadable_files(trained, tmp_path):
+    params, layout = trained
+    stages.export(params, layout)
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    frame = manifest.read(layout.prepare / "manifest.csv")
+    for i, path in enumerate(frame["path"][:3]):
+        (folder / f"{i}.png").write_bytes(open(path, "rb").read())
+    (folder / "broken.png").write_bytes(b"not a png")
+    result = CliRunner().invoke(app, ["predict", str(folder), "--model", str(layout.export), "--top-k", "3"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output)
+    assert len(out) == 4 and sum("error" in r for r in out) == 1
+    assert all(r["label"] in {"0", "1", "2"} for r in out if "error" not in r)
+    assert len(collect([str(folder)])) == 4
+
+
+def test_missing_model_is_a_clear_error(tmp_path):
+    result = CliRunner().invoke(app, ["predict", str(tmp_path), "--model", str(tmp_path / "none.onnx")])
+    assert result.exit_code == 1 and "visiontune export" in result.output
