@@ -109,6 +109,9 @@ class EvaluateConfig(Section):
 class ExportConfig(Section):
     opset: int = Field(17, ge=17)
     atol: float = Field(1e-4, gt=0)  # max abs logit difference, onnxruntime vs torch
+    quantize: Literal["none", "int8", "fp16"] = "none"  # an extra, smaller model beside the fp32 one
+    max_accuracy_drop: float = Field(0.01, ge=0, le=1)  # test accuracy the quantized model may lose
+    calibration_images: int = Field(200, ge=1)  # train images that calibrate int8 activations
 
 
 class RegisterConfig(Section):

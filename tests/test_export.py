@@ -31,3 +31,33 @@ def test_failed_parity_leaves_no_model_behind(trained, tmp_path):
     with pytest.raises(ParityError, match="max abs logit difference"):
         export(ExportConfig(atol=1e-15), layout.prepare, layout.train, tmp_path / "export")
     assert not (tmp_path / "export" / "model.onnx").exists()
+
+
+def test_lineage_in_metadata(trained):
+    params, layout = trained
+    stages.export(params, layout)
+    meta = {p.key: p.value for p in onnx.load(str(layout.export / "model.onnx")).metadata_props}
+    assert len(meta["data_sha256"]) == 64 and "git_commit" in meta
+
+
+@pytest.mark.parametrize("kind", ["int8", "fp16"])
+def test_quantized_copy_reports_its_accuracy_change(trained, tmp_path, kind):
+    params, layout = trained
+    cfg = ExportConfig(quantize=kind, max_accuracy_drop=1.0, calibration_images=16)
+    result = export(cfg, layout.prepare, layout.train, tmp_path / "q")
+    small = tmp_path / "q" / f"model.{kind}.onnx"
+    assert result.quantized == str(small) and small.stat().st_size < result.size_bytes
+    assert result.accuracy_change == pytest.approx(result.quantized_accuracy - result.test_accuracy)
+    from visiontune.components.predict import OnnxClassifier
+
+    assert OnnxClassifier(small).class_names == ["0", "1", "2"]  # metadata carried over
+
+
+def test_quantization_refused_beyond_the_allowed_drop():
+    from visiontune.components.export import QuantizationError, check_accuracy_drop
+
+    cfg = ExportConfig(quantize="int8", max_accuracy_drop=0.01)
+    check_accuracy_drop(cfg, 0.99, 0.985)  # within the allowance
+    check_accuracy_drop(cfg, 0.99, 0.995)  # a gain is fine
+    with pytest.raises(QuantizationError, match=r"a drop of 0\.0200 > export\.max_accuracy_drop=0\.01"):
+        check_accuracy_drop(cfg, 0.99, 0.97)
