@@ -173,8 +173,12 @@ def register(cfg: RegisterConfig, candidate: Candidate, out: Path) -> RegisterRe
                 [TensorSpec(np.dtype(np.float32), (-1, len(train_meta["class_names"])), "logits")]
             ),
         )
+        proto = onnx.load(str(candidate.onnx))
+        proto.metadata_props.append(onnx.StringStringEntryProto(key="mlflow_run_id", value=run_id))
+        for quantized in sorted(candidate.onnx.parent.glob("model.*.onnx")):  # int8 / fp16 copies
+            mlflow.log_artifact(str(quantized), "quantized")
         info = mlflow.onnx.log_model(
-            onnx.load(str(candidate.onnx)),
+            proto,
             name="model",
             signature=signature,
             registered_model_name=cfg.model_name,
@@ -200,3 +204,28 @@ def register(cfg: RegisterConfig, candidate: Candidate, out: Path) -> RegisterRe
     )
     (out / "registration.json").write_text(json.dumps(asdict(result), indent=2))
     return result
+
+
+def run_metrics(ref: str) -> tuple[str, dict[str, float]]:
+    """(description, latest metrics) of a run id, or of the run behind models:/NAME@ALIAS or /VERSION."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri())
+    try:
+        if ref.startswith("models:/"):
+            name, _, which = ref.removeprefix("models:/").partition("@")
+            if which:
+                version = client.get_model_version_by_alias(name, which)
+            else:
+                name, _, number = name.partition("/")
+                version = client.get_model_version(name, number)
+            run_id, label = version.run_id, f"{name} v{version.version}"
+        else:
+            run_id, label = ref, f"run {ref[:8]}"
+        run = client.get_run(run_id)
+    except Exception as exc:  # unknown run/model or unreachable server
+        raise VisiontuneError(
+            f"{ref}: not found at {tracking_uri()} ({type(exc).__name__}: {exc}); "
+            "give a run id or models:/NAME@ALIAS, and check MLFLOW_TRACKING_URI"
+        ) from None
+    return label, dict(run.data.metrics)

@@ -182,6 +182,30 @@ def predict(
 
 
 @app.command()
+def compare(
+    a: Annotated[str, typer.Argument(help="A run id or models:/NAME@ALIAS (or models:/NAME/VERSION).")],
+    b: Annotated[str, typer.Argument(help="The other one.")],
+) -> None:
+    """Metric-by-metric difference between two MLflow runs or model versions (B − A)."""
+    from visiontune.components.tracking import run_metrics
+
+    try:
+        (label_a, ma), (label_b, mb) = run_metrics(a), run_metrics(b)
+    except VisiontuneError as exc:
+        typer.secho(f"visiontune compare: {exc}", fg="red", err=True)
+        raise typer.Exit(1) from None
+    keys = sorted(set(ma) | set(mb))
+    width = max([len(k) for k in keys] + [6])
+    typer.echo(f"{'metric':<{width}}  {label_a:>14}  {label_b:>14}  {'B − A':>10}")
+    for key in keys:
+        va, vb = ma.get(key), mb.get(key)
+        diff = f"{vb - va:+.4f}" if va is not None and vb is not None else ""
+        fa = "" if va is None else f"{va:.4f}"
+        fb = "" if vb is None else f"{vb:.4f}"
+        typer.echo(f"{key:<{width}}  {fa:>14}  {fb:>14}  {diff:>10}")
+
+
+@app.command()
 def summary(root: RootOpt = Path("data/prepared")) -> None:
     """Print where the last run's results are, and how to open the MLflow UI."""
     layout = stages.Layout(root)

@@ -101,6 +101,10 @@ def _check_registered(uri: str, result, params, layout):
     assert str(version.version) == result.version and version.run_id == result.run_id
     # the registered model is the exported model: same logits through onnxruntime
     local = mlflow.artifacts.download_artifacts(artifact_uri=result.model_uri, tracking_uri=uri)
+    import onnx
+
+    registered_meta = {p.key: p.value for p in onnx.load(str(Path(local) / "model.onnx")).metadata_props}
+    assert registered_meta["mlflow_run_id"] == result.run_id and len(registered_meta["data_sha256"]) == 64
     x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
     np.testing.assert_allclose(
         onnx_logits(Path(local) / "model.onnx", [x]),
@@ -118,6 +122,18 @@ def test_register_against_a_real_tracking_server(candidate, mlflow_server, monke
     assert first.tracking_uri == mlflow_server
     assert int(second.version) == int(first.version) + 1
     _check_registered(mlflow_server, second, params, layout)
+    from typer.testing import CliRunner
+
+    from visiontune.pipelines.cli import app
+
+    table = CliRunner().invoke(
+        app, ["compare", first.run_id, f"models:/{second.model_name}/{second.version}"]
+    )
+    assert table.exit_code == 0, table.output
+    line = next(x for x in table.output.splitlines() if x.startswith("test_accuracy "))
+    assert line.split()[-1] == "+0.0000"  # the same candidate registered twice
+    bad = CliRunner().invoke(app, ["compare", first.run_id, "models:/nope@champion"])
+    assert bad.exit_code == 1 and "not found" in bad.output
     assert not (tmp_path / "mlflow.db").exists()  # nothing went to the embedded store
 
 
