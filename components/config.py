@@ -118,6 +118,12 @@ class RegisterConfig(Section):
     model_name: str = "visiontune-classifier"
     experiment: str = "visiontune"
     alias: str = "candidate"
+    metric: str = "test_accuracy"  # promotion compares candidate and champion on this metric
+    greater_is_better: bool = True
+    min_improvement: float = Field(0.0, ge=0)  # the candidate must beat the champion by this much
+    min_metrics: dict[str, float] = {}  # floors any champion must clear, e.g. {test_macro_f1: 0.9}
+    auto_promote: bool = False  # promote right after registering when the gate passes
+    use_stages: bool = True  # also move legacy registry stages (Staging → Production, Archived)
 
 
 class Params(Section):

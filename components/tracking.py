@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .config import RegisterConfig
 from .errors import VisiontuneError
 
@@ -113,6 +115,7 @@ def register(cfg: RegisterConfig, candidate: Candidate, out: Path) -> RegisterRe
     from mlflow.types.schema import Schema, TensorSpec
 
     out.mkdir(parents=True, exist_ok=True)
+    check_reachable()
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
@@ -190,9 +193,13 @@ def register(cfg: RegisterConfig, candidate: Candidate, out: Path) -> RegisterRe
             },
         )
     version = str(info.registered_model_version)
-    client.set_registered_model_alias(cfg.model_name, cfg.alias, version)
-    for key, value in {**tags, **{k: f"{v:.6g}" for k, v in metrics.items()}}.items():
-        client.set_model_version_tag(cfg.model_name, version, key, value)
+    try:
+        for key, value in {**tags, **{k: f"{v:.6g}" for k, v in metrics.items()}}.items():
+            client.set_model_version_tag(cfg.model_name, version, key, value)
+        client.set_registered_model_alias(cfg.model_name, cfg.alias, version)  # last: the version is whole
+    except Exception:
+        client.delete_model_version(cfg.model_name, version)  # no half-registered versions
+        raise
     result = RegisterResult(
         tracking_uri=uri,
         experiment_id=experiment_id,
@@ -229,3 +236,177 @@ def run_metrics(ref: str) -> tuple[str, dict[str, float]]:
             "give a run id or models:/NAME@ALIAS, and check MLFLOW_TRACKING_URI"
         ) from None
     return label, dict(run.data.metrics)
+
+
+CHAMPION, PREVIOUS = "champion", "previous"
+
+
+@dataclass(frozen=True)
+class PromoteResult:
+    model_name: str
+    candidate: str
+    champion_before: str | None
+    promoted: bool
+    reason: str
+    metric: str
+    candidate_value: float | None
+    champion_value: float | None
+    compared_on: str  # "logged metrics" or "re-evaluated on the candidate's test set"
+
+
+def _client():
+    from mlflow.tracking import MlflowClient
+
+    check_reachable()
+    return MlflowClient(tracking_uri())
+
+
+def check_reachable(timeout: float = 5.0) -> None:
+    """Fail fast, naming the URI and the fix, when a tracking server does not answer."""
+    import urllib.request
+
+    uri = tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout)
+    except OSError as exc:
+        raise VisiontuneError(
+            f"MLFLOW_TRACKING_URI={uri}: the tracking server does not answer ({exc}). Start it "
+            "(`make mlflow-server`) or unset MLFLOW_TRACKING_URI to use the embedded store; the "
+            "artifacts stay in data/prepared, and `visiontune register` logs them later"
+        ) from None
+
+
+def _version_by_alias(client, name: str, alias: str):
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except Exception:  # no such alias (MlflowException RESOURCE_DOES_NOT_EXIST)
+        return None
+
+
+def _test_metrics_now(client, version, prepared: Path, top_k: int = 5) -> dict[str, float]:
+    """A version's test metrics on the current manifest's test split (its ONNX, our preprocessing)."""
+    import tempfile
+
+    from . import manifest, metrics
+    from .predict import OnnxClassifier
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = download_model(f"models:/{version.name}/{version.version}", Path(tmp))
+        model = OnnxClassifier(path)
+        frame = manifest.read(prepared / "manifest.csv")
+        test = frame[frame["split"] == "test"]
+        index = {c: i for i, c in enumerate(model.class_names)}
+        if set(test["label"]) - set(index):
+            raise VisiontuneError(
+                f"{version.name} v{version.version} does not know classes "
+                f"{sorted(set(test['label']) - set(index))} of the current test split; it cannot be compared"
+            )
+        from . import images
+
+        logits = np.concatenate(
+            [model.logits(images.load_batch(test["path"].tolist()[i : i + 64], model.size))
+             for i in range(0, len(test), 64)]
+        )  # fmt: skip
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    return metrics.summary(probs, test["label"].map(index).to_numpy(), "test", top_k)
+
+
+def _set_stage(client, name: str, version: str, stage: str, archive: bool = False) -> None:
+    import warnings
+
+    with warnings.catch_warnings():  # stages are deprecated in MLflow 3 but still used by teams
+        warnings.simplefilter("ignore")
+        client.transition_model_version_stage(name, version, stage, archive_existing_versions=archive)
+
+
+def promote(cfg: RegisterConfig, prepared: Path, version: str | None = None) -> PromoteResult:
+    """Make the candidate the champion when it beats it by cfg.min_improvement on cfg.metric and
+    clears cfg.min_metrics; record the decision on the version either way."""
+    client = _client()
+    name = cfg.model_name
+    cand = client.get_model_version(name, version) if version else _version_by_alias(client, name, cfg.alias)
+    if cand is None:
+        raise VisiontuneError(f"{name}: no version has alias {cfg.alias!r}; register one or pass --version")
+    champ = _version_by_alias(client, name, CHAMPION)
+    cand_metrics = dict(client.get_run(cand.run_id).data.metrics)
+    champ_metrics, compared_on = {}, "logged metrics"
+    if champ is not None and champ.version != cand.version:
+        champ_metrics = dict(client.get_run(champ.run_id).data.metrics)
+        if champ.tags.get("manifest_sha256") != cand.tags.get("manifest_sha256"):
+            # tested on different data: score both on the candidate's (current) test split
+            cand_metrics = {**cand_metrics, **_test_metrics_now(client, cand, prepared)}
+            champ_metrics = {**champ_metrics, **_test_metrics_now(client, champ, prepared)}
+            compared_on = "re-evaluated on the candidate's test set"
+    value = cand_metrics.get(cfg.metric)
+    if value is None:
+        raise VisiontuneError(f"register.metric: {cfg.metric!r} is not a metric of v{cand.version}'s run")
+    sign = 1 if cfg.greater_is_better else -1
+    floors = [f"{k} {cand_metrics.get(k, float('nan')):.4f} < {v}" for k, v in cfg.min_metrics.items()
+              if not cand_metrics.get(k, float("-inf")) >= v]  # fmt: skip
+    champ_value = (
+        champ_metrics.get(cfg.metric) if champ is not None and champ.version != cand.version else None
+    )
+    if floors:
+        promoted, reason = False, "below register.min_metrics: " + "; ".join(floors)
+    elif champ is None or champ.version == cand.version:
+        promoted, reason = champ is None, "no champion yet" if champ is None else "already the champion"
+    elif sign * (value - champ_value) >= cfg.min_improvement:
+        promoted = True
+        reason = (
+            f"{cfg.metric} {value:.4f} vs champion v{champ.version} {champ_value:.4f} "
+            f"(min_improvement {cfg.min_improvement})"
+        )
+    else:
+        promoted = False
+        reason = (
+            f"{cfg.metric} {value:.4f} does not beat champion v{champ.version} {champ_value:.4f} "
+            f"by register.min_improvement={cfg.min_improvement}"
+        )
+    if promoted:
+        client.set_registered_model_alias(name, CHAMPION, cand.version)
+        if champ is not None:
+            client.set_registered_model_alias(name, PREVIOUS, champ.version)
+        if cfg.use_stages:
+            _set_stage(client, name, cand.version, "Staging")
+            _set_stage(client, name, cand.version, "Production", archive=True)
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    for key, val in {
+        "promotion.decision": "promoted" if promoted else "refused",
+        "promotion.time": stamp,
+        "promotion.reason": reason,
+        "promotion.compared_on": compared_on,
+        "promotion.champion_before": champ.version if champ else "none",
+        f"promotion.candidate.{cfg.metric}": f"{value:.6g}",
+        f"promotion.champion.{cfg.metric}": "none" if champ_value is None else f"{champ_value:.6g}",
+    }.items():
+        client.set_model_version_tag(name, cand.version, key, val)
+    return PromoteResult(
+        model_name=name, candidate=str(cand.version), champion_before=champ.version if champ else None,
+        promoted=promoted, reason=reason, metric=cfg.metric, candidate_value=value,
+        champion_value=champ_value, compared_on=compared_on,
+    )  # fmt: skip
+
+
+def rollback(cfg: RegisterConfig) -> dict[str, str]:
+    """Give the champion alias back to the version aliased 'previous'."""
+    client = _client()
+    name = cfg.model_name
+    previous = _version_by_alias(client, name, PREVIOUS)
+    current = _version_by_alias(client, name, CHAMPION)
+    if previous is None:
+        raise VisiontuneError(f"{name}: no version has alias 'previous'; nothing to roll back to")
+    client.set_registered_model_alias(name, CHAMPION, previous.version)
+    client.delete_registered_model_alias(name, PREVIOUS)
+    if cfg.use_stages:
+        _set_stage(client, name, previous.version, "Production", archive=True)
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    demoted = current.version if current else "none"
+    client.set_model_version_tag(name, previous.version, "promotion.decision", "restored by rollback")
+    client.set_model_version_tag(name, previous.version, "promotion.time", stamp)
+    if current is not None:
+        client.set_model_version_tag(name, current.version, "promotion.decision", "rolled back")
+        client.set_model_version_tag(name, current.version, "promotion.time", stamp)
+    return {"model_name": name, "champion": str(previous.version), "demoted": str(demoted)}

@@ -182,6 +182,41 @@ def predict(
 
 
 @app.command()
+def promote(
+    version: Annotated[
+        str | None, typer.Option("--version", help="Version to promote (default: alias candidate).")
+    ] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    root: RootOpt = Path("data/prepared"),
+    set_: SetOpt = None,
+) -> None:
+    """Promote the candidate to champion if it beats the champion by register.min_improvement."""
+    from visiontune.components.tracking import promote as run
+
+    try:
+        config = load_params(params, parse_overrides(set_))
+        result = run(config.register_, stages.Layout(root).prepare, version)
+    except VisiontuneError as exc:
+        typer.secho(f"visiontune promote: {exc}", fg="red", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(json.dumps(dataclasses.asdict(result), indent=2))
+    typer.echo(f"{'promoted' if result.promoted else 'not promoted'}: {result.reason}")
+
+
+@app.command()
+def rollback(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Give the champion alias back to the previous champion."""
+    from visiontune.components.tracking import rollback as run
+
+    try:
+        result = run(load_params(params, parse_overrides(set_)).register_)
+    except VisiontuneError as exc:
+        typer.secho(f"visiontune rollback: {exc}", fg="red", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(json.dumps(result, indent=2))
+
+
+@app.command()
 def compare(
     a: Annotated[str, typer.Argument(help="A run id or models:/NAME@ALIAS (or models:/NAME/VERSION).")],
     b: Annotated[str, typer.Argument(help="The other one.")],

@@ -97,7 +97,14 @@ def register(params: Params, layout: Layout):
         evaluation=layout.evaluate,
         onnx=layout.export / "model.onnx",
     )
-    return run(params.register_, candidate, layout.register)
+    result = run(params.register_, candidate, layout.register)
+    if params.register_.auto_promote:
+        from visiontune.components.tracking import promote
+
+        decision = promote(params.register_, layout.prepare, result.version)
+        outcome = "promoted" if decision.promoted else "refused"
+        print(f"promotion of v{decision.candidate}: {outcome} ({decision.reason})")
+    return result
 
 
 STAGES = {
