@@ -8,7 +8,7 @@ export PATH := $(BIN):$(PATH)
 # pip's index configuration on some machines warns about every missing local index entry
 QUIET_PIP := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: install run test lint mlflow-ui clean
+.PHONY: install run test lint mlflow-ui mlflow-server clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -33,6 +33,9 @@ lint: install
 mlflow-ui: install
 	mlflow server --backend-store-uri sqlite:///mlflow.db --default-artifact-root ./mlartifacts \
 		--host 127.0.0.1 --port 5000
+
+mlflow-server: install
+	bash infra/mlflow-server.sh
 
 clean:
 	rm -rf data/prepared

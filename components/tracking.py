@@ -90,6 +90,71 @@ def lineage() -> dict[str, str]:
     }
 
 
+def dvc_data_hash(lock: Path = Path("dvc.lock")) -> str:
+    """The hash DVC recorded for data/raw in the last `dvc repro` (empty outside DVC)."""
+    import yaml
+
+    try:
+        deps = yaml.safe_load(lock.read_text())["stages"]["prepare"]["deps"]
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        return ""
+    return next((d.get("md5", "") for d in deps if d.get("path") == "data/raw"), "")
+
+
+def environment() -> dict[str, str]:
+    """Versions of the libraries that shape a model, and the hardware it trained on."""
+    import platform
+    from importlib import metadata
+
+    import torch
+
+    packages = ("visiontune", "torch", "torchvision", "timm", "peft", "onnx", "onnxruntime", "mlflow",
+                "prefect", "dvc", "pandera", "cleanlab", "numpy", "pillow", "scikit-learn")  # fmt: skip
+    env = {}
+    for name in packages:
+        try:
+            env[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            env[name] = "not installed"
+    env["python"] = platform.python_version()
+    env["cuda"] = torch.version.cuda or "none"
+    env["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return env
+
+
+def model_card(prepared: dict, validation: dict | None, metrics: dict, train_meta: dict) -> str:
+    """The version's description: data, metrics, validation findings and limitations."""
+    lines = [
+        f"## {train_meta['architecture']} ({train_meta.get('config', {}).get('train', {}).get('method')})",
+        "",
+        f"**Data**: {prepared['n_images']} images in {len(prepared['classes'])} classes "
+        f"({', '.join(prepared['classes'][:20])}{' …' if len(prepared['classes']) > 20 else ''}); "
+        f"split {prepared['split_counts']}; {prepared['n_quarantined']} unreadable images quarantined; "
+        f"manifest sha256 {prepared['manifest_sha256'][:12]}.",
+        "",
+        "**Test metrics**: "
+        + ", ".join(
+            f"{k.removeprefix('test_')} {v:.4f}"
+            for k, v in metrics.items()
+            if k.startswith("test_") and k != "test_images"
+        ),  # fmt: skip
+    ]
+    if validation:
+        findings = validation.get("failures", []) + validation.get("warnings", [])
+        lines += ["", f"**Validation**: gate {'passed' if validation.get('passed') else 'failed'}; "
+                  f"{len(validation.get('label_issues', []))} suspected label errors, "
+                  f"{len(validation.get('duplicates', []))} duplicate groups, "
+                  f"{len(validation.get('leakage', []))} val/test images leaked."]  # fmt: skip
+        lines += [f"- {f}" for f in findings]
+    lines += [
+        "",
+        f"**Limitations**: trained at {train_meta['preprocessing']['size']} px on the data above only; "
+        "expect lower accuracy on images unlike it (other cameras, lighting, backgrounds, classes). "
+        f"Expected calibration error on test: {metrics.get('test_ece', float('nan')):.3f}.",
+    ]
+    return "\n".join(lines)
+
+
 def _history_metrics(history_csv: Path) -> list:
     import csv
 
@@ -107,6 +172,7 @@ def _history_metrics(history_csv: Path) -> list:
 def register(cfg: RegisterConfig, candidate: Candidate, out: Path) -> RegisterResult:
     """Log the candidate as one MLflow run and register its ONNX model with alias cfg.alias."""
     import mlflow
+    import mlflow.data
     import mlflow.onnx
     import numpy as np
     import onnx
@@ -133,6 +199,7 @@ def register(cfg: RegisterConfig, candidate: Candidate, out: Path) -> RegisterRe
     metrics = json.loads((candidate.evaluation / "metrics.json").read_text())
     tags = {
         **lineage(),
+        "dvc_data_hash": dvc_data_hash(),
         "manifest_sha256": prepared["manifest_sha256"],
         "data_source": str(candidate.params.get("data.source")),
         "model_name": train_meta["architecture"],
@@ -142,6 +209,16 @@ def register(cfg: RegisterConfig, candidate: Candidate, out: Path) -> RegisterRe
     with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags) as run:
         run_id = run.info.run_id
         mlflow.log_params({k: "null" if v is None else v for k, v in candidate.params.items()})
+        env = environment()
+        mlflow.log_dict(env, "environment.json")
+        mlflow.set_tags({f"env.{k}": v for k, v in env.items() if k in ("torch", "cuda", "gpu", "timm")})
+        import pandas as pd
+
+        manifest_csv = candidate.prepare.parent / "manifest.csv"
+        dataset = mlflow.data.from_pandas(
+            pd.read_csv(manifest_csv, dtype=str), source=str(manifest_csv), name="manifest"
+        )
+        mlflow.log_input(dataset, context="training")
         history = _history_metrics(candidate.checkpoint / "history.csv")
         for i in range(0, len(history), 900):  # one request per 900 values, not one per value
             client.log_batch(run_id, metrics=history[i : i + 900])
@@ -193,7 +270,12 @@ def register(cfg: RegisterConfig, candidate: Candidate, out: Path) -> RegisterRe
             },
         )
     version = str(info.registered_model_version)
+    report_json = candidate.validation / "report.json"
+    validation = json.loads(report_json.read_text()) if report_json.exists() else None
     try:
+        client.update_model_version(
+            cfg.model_name, version, description=model_card(prepared, validation, metrics, train_meta)
+        )
         for key, value in {**tags, **{k: f"{v:.6g}" for k, v in metrics.items()}}.items():
             client.set_model_version_tag(cfg.model_name, version, key, value)
         client.set_registered_model_alias(cfg.model_name, cfg.alias, version)  # last: the version is whole

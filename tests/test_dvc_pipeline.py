@@ -76,6 +76,10 @@ def test_repro_runs_every_stage_and_registers(repo):
     registration = json.loads((repo / "data/prepared/register/registration.json").read_text())
     assert registration["version"] == "1" and registration["alias"] == "candidate"
     assert (repo / "mlflow.db").exists()
+    from mlflow.tracking import MlflowClient
+
+    tags = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}").get_run(registration["run_id"]).data.tags
+    assert len(tags["dvc_data_hash"]) >= 32 and tags["git_commit"] != "unknown"  # lineage from DVC and git
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-qm", "run")
 

@@ -44,6 +44,9 @@ def _check_registered(uri: str, result, params, layout):
         "validation/report.md",
     }
     version = client.get_model_version_by_alias(result.model_name, "candidate")
+    assert "**Data**" in version.description and "**Limitations**" in version.description
+    assert run.data.tags["env.torch"] and run.inputs.dataset_inputs[0].dataset.name == "manifest"
+    assert "environment.json" in {f.path for f in client.list_artifacts(result.run_id)}
     assert str(version.version) == result.version and version.run_id == result.run_id
     # the registered model is the exported model: same logits through onnxruntime
     local = mlflow.artifacts.download_artifacts(artifact_uri=result.model_uri, tracking_uri=uri)
