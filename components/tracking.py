@@ -261,6 +261,7 @@ def register(cfg: RegisterConfig, candidate: Candidate, out: Path) -> RegisterRe
             proto,
             name="model",
             signature=signature,
+            input_example=np.zeros((1, 3, size, size), dtype=np.float32),  # one image, as the model takes it
             registered_model_name=cfg.model_name,
             save_as_external_data=False,
             onnx_execution_providers=["CPUExecutionProvider"],

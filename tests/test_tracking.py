@@ -51,7 +51,10 @@ def _check_registered(uri: str, result, params, layout):
     # the registered model is the exported model: same logits through onnxruntime
     local = mlflow.artifacts.download_artifacts(artifact_uri=result.model_uri, tracking_uri=uri)
     import onnx
+    from mlflow.models import Model
 
+    logged = Model.load(str(Path(local) / "MLmodel"))
+    assert logged.signature is not None and logged.saved_input_example_info is not None
     registered_meta = {p.key: p.value for p in onnx.load(str(Path(local) / "model.onnx")).metadata_props}
     assert registered_meta["mlflow_run_id"] == result.run_id and len(registered_meta["data_sha256"]) == 64
     x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
