@@ -55,29 +55,14 @@ def thumbnails(issues: list[dict], out: Path, limit: int = 24) -> Path | None:
     """A grid PNG of the top suspects: each with its given label, suggested label and score."""
     if not issues:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .plots import image_grid
 
     shown = issues[:limit]
-    cols = min(6, len(shown))
-    rows = -(-len(shown) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.5 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, issue in zip(axes.flat, shown, strict=False):
-        ax.imshow(images.resize(images.load_image(issue["path"]), 128))
-        ax.set_title(
-            f"given {issue['given_label']}\nsuggested {issue['suggested_label']}  ({issue['score']:.2f})",
-            fontsize=8,
-        )
-    fig.suptitle("Label audit: top suspects (score = label quality, low = likely wrong)", fontsize=10)
-    fig.tight_layout()
-    path = out / "label_issues.png"
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    titles = [
+        f"given {x['given_label']}\nsuggested {x['suggested_label']}  ({x['score']:.2f})" for x in shown
+    ]
+    suptitle = "Label audit: top suspects (score = label quality, low = likely wrong)"
+    return image_grid([x["path"] for x in shown], titles, suptitle, out / "label_issues.png")
 
 
 def label_audit(frame: pd.DataFrame, size: int | None, folds: int, seed: int, out: Path, store: Path) -> dict:

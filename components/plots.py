@@ -96,19 +96,26 @@ def reliability_diagram(bins: list[dict], ece: float, out: Path) -> Path:
     return _save(fig, out / "reliability.png")
 
 
+def image_grid(paths: list[str], titles: list[str], suptitle: str, path: Path) -> Path:
+    """Images in a grid of up to six columns, each with its title."""
+    plt = _pyplot()
+    cols = min(6, len(paths))
+    rows = -(-len(paths) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.5 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, title in zip(axes.flat, paths, titles, strict=False):
+        ax.imshow(images.resize(images.load_image(image), 128))
+        ax.set_title(title, fontsize=8)
+    fig.suptitle(suptitle, fontsize=10)
+    return _save(fig, path)
+
+
 def mistakes_gallery(mistakes: list[dict], out: Path, limit: int = 24) -> Path | None:
     """Misclassified test images, most confident mistakes first: true label, prediction, confidence."""
     if not mistakes:
         return None
-    plt = _pyplot()
     shown = mistakes[:limit]
-    cols = min(6, len(shown))
-    rows = -(-len(shown) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.5 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, m in zip(axes.flat, shown, strict=False):
-        ax.imshow(images.resize(images.load_image(m["path"]), 128))
-        ax.set_title(f"true {m['label']}\npred {m['predicted']} ({m['confidence']:.2f})", fontsize=8)
-    fig.suptitle("misclassified test images, most confident first", fontsize=10)
-    return _save(fig, out / "mistakes.png")
+    titles = [f"true {m['label']}\npred {m['predicted']} ({m['confidence']:.2f})" for m in shown]
+    suptitle = "misclassified test images, most confident first"
+    return image_grid([m["path"] for m in shown], titles, suptitle, out / "mistakes.png")
