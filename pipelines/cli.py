@@ -248,9 +248,8 @@ def summary(root: RootOpt = Path("data/prepared")) -> None:
     metrics_path = layout.evaluate / "metrics.json"
     if metrics_path.exists():
         metrics = json.loads(metrics_path.read_text())
-        shown = ", ".join(
-            f"{k.removeprefix('test_')} {v:.4f}" for k, v in metrics.items() if k != "test_images"
-        )
+        keys = ("test_accuracy", "test_macro_f1", "test_top5_accuracy", "test_ece")
+        shown = ", ".join(f"{k.removeprefix('test_')} {metrics[k]:.4f}" for k in keys if k in metrics)
         lines.append(f"  test metrics    {metrics_path}  ({shown}; {metrics.get('test_images')} images)")
     report = layout.evaluate / "details" / "report.html"
     if report.exists():
