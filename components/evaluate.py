@@ -9,8 +9,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from . import images, manifest, metrics, plots
 from . import model as models
 from .config import EvaluateConfig
@@ -29,11 +27,6 @@ def batches(paths: list[str], size: int, mean, std, batch_size: int):
     """Normalized NCHW batches of the given image files, through the shared preprocessing."""
     for i in range(0, len(paths), batch_size):
         yield images.normalize(images.load_batch(paths[i : i + batch_size], size), mean, std)
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    e = np.exp(logits - logits.max(1, keepdims=True))
-    return e / e.sum(1, keepdims=True)
 
 
 def evaluate(
@@ -66,7 +59,7 @@ def evaluate(
             continue
         paths = rows["path"].tolist()
         logits = models.predict_logits(model, batches(paths, prep.size, prep.mean, prep.std, cfg.batch_size))
-        probs, y_true = softmax(logits), rows["label"].map(index).to_numpy()
+        probs, y_true = metrics.softmax(logits), rows["label"].map(index).to_numpy()
         flat |= metrics.summary(probs, y_true, split, cfg.top_k)
         results[split] = (paths, probs, y_true)
     (out / "metrics.json").write_text(json.dumps(flat, indent=2))

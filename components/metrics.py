@@ -6,6 +6,12 @@ import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
 
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Class probabilities from logits, row by row (shifted by the row max for stability)."""
+    e = np.exp(logits - logits.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
 def expected_calibration_error(probs: np.ndarray, y_true: np.ndarray, bins: int = 15) -> float:
     """Weighted mean |accuracy − confidence| over equal-width confidence bins of the top-1 class."""
     confidence = probs.max(1)

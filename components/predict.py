@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import images
+from . import images, metrics
 from .errors import VisiontuneError
 
 
@@ -56,8 +56,7 @@ class OnnxClassifier:
             if not chunk:
                 continue
             logits = self.logits(np.stack(pixels))
-            probs = np.exp(logits - logits.max(1, keepdims=True))
-            probs /= probs.sum(1, keepdims=True)
+            probs = metrics.softmax(logits)
             for path, p in zip(chunk, probs, strict=True):
                 order = np.argsort(-p)[:k]
                 results.append(

@@ -392,9 +392,7 @@ def _test_metrics_now(client, version, prepared: Path, top_k: int = 5) -> dict[s
             [model.logits(images.load_batch(test["path"].tolist()[i : i + 64], model.size))
              for i in range(0, len(test), 64)]
         )  # fmt: skip
-    probs = np.exp(logits - logits.max(1, keepdims=True))
-    probs /= probs.sum(1, keepdims=True)
-    return metrics.summary(probs, test["label"].map(index).to_numpy(), "test", top_k)
+    return metrics.summary(metrics.softmax(logits), test["label"].map(index).to_numpy(), "test", top_k)
 
 
 def _set_stage(client, name: str, version: str, stage: str, archive: bool = False) -> None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -44,15 +46,22 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
+@contextmanager
+def user_errors(command: str) -> Iterator[None]:
+    """Errors a user can fix end the command with one red line and exit code 1, no traceback."""
+    try:
+        yield
+    except VisiontuneError as exc:
+        typer.secho(f"visiontune {command}: {exc}", fg="red", err=True)
+        raise typer.Exit(1) from None
+
+
 def _run_stage(
     name: str, params_path: Path, root: Path, overrides: list[str] | None = None, **options
 ) -> None:
-    try:
+    with user_errors(name):
         params = load_params(params_path, parse_overrides(overrides))
         result = stages.STAGES[name](params, stages.Layout(root), **options)
-    except VisiontuneError as exc:
-        typer.secho(f"visiontune {name}: {exc}", fg="red", err=True)
-        raise typer.Exit(1) from None
     typer.echo(json.dumps(dataclasses.asdict(result), indent=2, default=str))
 
 
@@ -103,15 +112,12 @@ def run(
     set_: SetOpt = None,
 ) -> None:
     """Run the whole pipeline as a Prefect flow (ephemeral: no server needed)."""
-    try:
+    with user_errors("run"):
         overrides = parse_overrides(set_)
         load_params(params, overrides)  # fail on a bad params.yaml before Prefect starts
         from .flow import training_pipeline
 
         training_pipeline(params_path=str(params), root=str(root), overrides=overrides)
-    except VisiontuneError as exc:
-        typer.secho(f"visiontune run: {exc}", fg="red", err=True)
-        raise typer.Exit(1) from None
     summary(root)
 
 
@@ -130,7 +136,7 @@ def audit(
     from visiontune.components.prepare import prepare as run_prepare
     from visiontune.components.validate import validate as run_validate
 
-    try:
+    with user_errors("audit"):
         overrides = parse_overrides(set_)
         config = load_params(params, overrides, missing_ok=True)  # defaults outside a project
         check = config.validate_.model_copy(update={"on_fail": "warn"})  # report everything, then exit 1
@@ -139,9 +145,6 @@ def audit(
         result = run_validate(
             check, out / "prepare", out, config.model.image_size, config.base.seed, out / "cache"
         )
-    except VisiontuneError as exc:
-        typer.secho(f"visiontune audit: {exc}", fg="red", err=True)
-        raise typer.Exit(1) from None
     typer.echo(
         f"{prepared.n_images} images, {len(prepared.classes)} classes: {result.n_quarantined} quarantined, "
         f"{result.n_duplicate_groups} duplicate groups, {result.n_leaked} leaked into val/test, "
@@ -167,7 +170,7 @@ def predict(
     """Classify images with an exported model (the training preprocessing); prints JSON."""
     from visiontune.components.predict import OnnxClassifier, collect
 
-    try:
+    with user_errors("predict"):
         path = Path(model)
         if model.startswith("models:/"):
             from visiontune.components.tracking import download_model
@@ -175,9 +178,6 @@ def predict(
             path = download_model(model)
         classifier = OnnxClassifier(path)
         results = classifier.predict(collect(inputs), top_k=top_k)
-    except VisiontuneError as exc:
-        typer.secho(f"visiontune predict: {exc}", fg="red", err=True)
-        raise typer.Exit(1) from None
     typer.echo(json.dumps(results, indent=2))
 
 
@@ -193,12 +193,9 @@ def promote(
     """Promote the candidate to champion if it beats the champion by register.min_improvement."""
     from visiontune.components.tracking import promote as run
 
-    try:
+    with user_errors("promote"):
         config = load_params(params, parse_overrides(set_))
         result = run(config.register_, stages.Layout(root).prepare, version)
-    except VisiontuneError as exc:
-        typer.secho(f"visiontune promote: {exc}", fg="red", err=True)
-        raise typer.Exit(1) from None
     typer.echo(json.dumps(dataclasses.asdict(result), indent=2))
     typer.echo(f"{'promoted' if result.promoted else 'not promoted'}: {result.reason}")
 
@@ -208,11 +205,8 @@ def rollback(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> No
     """Give the champion alias back to the previous champion."""
     from visiontune.components.tracking import rollback as run
 
-    try:
+    with user_errors("rollback"):
         result = run(load_params(params, parse_overrides(set_)).register_)
-    except VisiontuneError as exc:
-        typer.secho(f"visiontune rollback: {exc}", fg="red", err=True)
-        raise typer.Exit(1) from None
     typer.echo(json.dumps(result, indent=2))
 
 
@@ -224,11 +218,8 @@ def compare(
     """Metric-by-metric difference between two MLflow runs or model versions (B − A)."""
     from visiontune.components.tracking import run_metrics
 
-    try:
+    with user_errors("compare"):
         (label_a, ma), (label_b, mb) = run_metrics(a), run_metrics(b)
-    except VisiontuneError as exc:
-        typer.secho(f"visiontune compare: {exc}", fg="red", err=True)
-        raise typer.Exit(1) from None
     keys = sorted(set(ma) | set(mb))
     width = max([len(k) for k in keys] + [6])
     typer.echo(f"{'metric':<{width}}  {label_a:>14}  {label_b:>14}  {'B − A':>10}")

@@ -108,3 +108,14 @@ def mlflow_server(tmp_path_factory):
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def exported(trained):
+    """The tiny run evaluated and exported as well: what register and promote need."""
+    from visiontune.pipelines import stages
+
+    params, layout = trained
+    stages.evaluate(params, layout)
+    stages.export(params, layout)
+    return params, layout

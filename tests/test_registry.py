@@ -12,14 +12,6 @@ from visiontune.components.tracking import promote, rollback
 from visiontune.pipelines import stages
 
 
-@pytest.fixture(scope="module")
-def exported(trained):
-    params, layout = trained
-    stages.evaluate(params, layout)
-    stages.export(params, layout)
-    return params, layout
-
-
 def _named(params, name, **register):
     cfg = params.register_.model_copy(update={"model_name": name, **register})
     return params.model_copy(update={"register_": cfg})

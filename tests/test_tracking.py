@@ -7,19 +7,10 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
-import pytest
 from mlflow.tracking import MlflowClient
 
 from visiontune.components.export import onnx_logits
 from visiontune.pipelines import stages
-
-
-@pytest.fixture(scope="module")
-def candidate(trained):
-    params, layout = trained
-    stages.evaluate(params, layout)
-    stages.export(params, layout)
-    return params, layout
 
 
 def _check_registered(uri: str, result, params, layout):
@@ -65,8 +56,8 @@ def _check_registered(uri: str, result, params, layout):
     )
 
 
-def test_register_against_a_real_tracking_server(candidate, mlflow_server, monkeypatch, tmp_path):
-    params, layout = candidate
+def test_register_against_a_real_tracking_server(exported, mlflow_server, monkeypatch, tmp_path):
+    params, layout = exported
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     monkeypatch.chdir(tmp_path)
     first = stages.register(params, layout)
@@ -89,8 +80,8 @@ def test_register_against_a_real_tracking_server(candidate, mlflow_server, monke
     assert not (tmp_path / "mlflow.db").exists()  # nothing went to the embedded store
 
 
-def test_register_to_the_embedded_store_by_default(candidate, monkeypatch, tmp_path):
-    params, layout = candidate
+def test_register_to_the_embedded_store_by_default(exported, monkeypatch, tmp_path):
+    params, layout = exported
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
     result = stages.register(params, layout)
