@@ -91,8 +91,8 @@ def label_audit(frame: pd.DataFrame, size: int | None, folds: int, seed: int, ou
     features = embed(audited, size, store)
     embed_seconds = time.perf_counter() - started
     probs = out_of_sample_probs(features, labels, folds, seed)
-    ranked = find_label_issues(
-        labels, probs, filter_by="prune_by_noise_rate", return_indices_ranked_by="self_confidence"
+    ranked = find_label_issues(  # n_jobs=1: cleanlab's worker pool needs fork, which a flow run may lack
+        labels, probs, filter_by="prune_by_noise_rate", return_indices_ranked_by="self_confidence", n_jobs=1
     )
     quality = get_label_quality_scores(labels, probs)
     issues = [

@@ -126,6 +126,31 @@ class RegisterConfig(Section):
     use_stages: bool = True  # also move legacy registry stages (Staging → Production, Archived)
 
 
+class FlowTimeouts(Section):
+    """Minutes each stage may run as a Prefect task before it is stopped and the flow fails."""
+
+    prepare: float = Field(120, gt=0)
+    validate_: float = Field(120, gt=0, alias="validate")
+    train: float = Field(24 * 60, gt=0)
+    evaluate: float = Field(60, gt=0)
+    export: float = Field(30, gt=0)
+    register_: float = Field(15, gt=0, alias="register")
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    def seconds(self, stage: str) -> float:
+        return 60 * self.model_dump(by_alias=True)[stage]
+
+
+class FlowConfig(Section):
+    """How the Prefect flow runs the stages; `dvc repro` ignores this section."""
+
+    cache: bool = True  # skip a stage whose inputs (data, params section, code) are unchanged
+    retries: int = Field(3, ge=0)  # I/O tasks only (registry, tracking); training never retries
+    retry_delay_s: float = Field(10, ge=0)  # first retry delay, doubled at each further retry
+    timeout_minutes: FlowTimeouts = FlowTimeouts()
+
+
 class Params(Section):
     base: BaseConfig = BaseConfig()
     data: DataConfig = DataConfig()
@@ -135,6 +160,7 @@ class Params(Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     export: ExportConfig = ExportConfig()
     register_: RegisterConfig = Field(RegisterConfig(), alias="register")
+    flow: FlowConfig = FlowConfig()
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 

@@ -90,15 +90,14 @@ def lineage() -> dict[str, str]:
     }
 
 
-def dvc_data_hash(lock: Path = Path("dvc.lock")) -> str:
-    """The hash DVC recorded for data/raw in the last `dvc repro` (empty outside DVC)."""
-    import yaml
+def dvc_data_hash(source: str) -> str:
+    """The DVC hash of the data source now (see prepare.source_hash); empty when it is gone."""
+    from .prepare import SourceError, source_hash
 
     try:
-        deps = yaml.safe_load(lock.read_text())["stages"]["prepare"]["deps"]
-    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        return source_hash(source)
+    except SourceError:
         return ""
-    return next((d.get("md5", "") for d in deps if d.get("path") == "data/raw"), "")
 
 
 def environment() -> dict[str, str]:
@@ -199,7 +198,7 @@ def register(cfg: RegisterConfig, candidate: Candidate, out: Path) -> RegisterRe
     metrics = json.loads((candidate.evaluation / "metrics.json").read_text())
     tags = {
         **lineage(),
-        "dvc_data_hash": dvc_data_hash(),
+        "dvc_data_hash": dvc_data_hash(str(candidate.params.get("data.source"))),
         "manifest_sha256": prepared["manifest_sha256"],
         "data_source": str(candidate.params.get("data.source")),
         "model_name": train_meta["architecture"],
@@ -359,6 +358,24 @@ def check_reachable(timeout: float = 5.0) -> None:
             "(`make mlflow-server`) or unset MLFLOW_TRACKING_URI to use the embedded store; the "
             "artifacts stay in data/prepared, and `visiontune register` logs them later"
         ) from None
+
+
+def last_registered_data_hash(cfg: RegisterConfig) -> tuple[str | None, str | None]:
+    """(version, its dvc_data_hash tag) of the newest version of cfg.model_name; (None, None) if none."""
+    client = _client()
+    from mlflow.exceptions import MlflowException
+
+    try:
+        found = client.search_model_versions(
+            f"name = '{cfg.model_name}'", max_results=1, order_by=["version_number DESC"]
+        )
+    except MlflowException as exc:
+        if "RESOURCE_DOES_NOT_EXIST" in str(exc.error_code):
+            return None, None
+        raise
+    if not found:
+        return None, None
+    return str(found[0].version), found[0].tags.get("dvc_data_hash")
 
 
 def _version_by_alias(client, name: str, alias: str):

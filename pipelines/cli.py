@@ -110,15 +110,74 @@ def run(
     params: ParamsOpt = Path("params.yaml"),
     root: RootOpt = Path("data/prepared"),
     set_: SetOpt = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Rerun every stage, even those whose inputs are unchanged.")
+    ] = False,
 ) -> None:
-    """Run the whole pipeline as a Prefect flow (ephemeral: no server needed)."""
+    """Run the whole pipeline as a Prefect flow (ephemeral: no server needed).
+
+    Stages whose inputs (data, their params section, code) are unchanged since their last run
+    are skipped, as `dvc repro` skips them.
+    """
     with user_errors("run"):
         overrides = parse_overrides(set_)
         load_params(params, overrides)  # fail on a bad params.yaml before Prefect starts
         from .flow import training_pipeline
 
-        training_pipeline(params_path=str(params), root=str(root), overrides=overrides)
+        training_pipeline(params_path=str(params), root=str(root), overrides=overrides, force=force)
     summary(root)
+
+
+@app.command()
+def schedule(
+    cron: Annotated[str, typer.Option("--cron", help="When to retrain (cron, in --timezone).")] = "0 2 * * *",
+    timezone: Annotated[str, typer.Option("--timezone", help="Time zone of --cron.")] = "UTC",
+    name: Annotated[str, typer.Option("--name", help="Deployment name.")] = "scheduled-retrain",
+    only_if_data_changed: Annotated[
+        bool,
+        typer.Option(
+            "--only-if-data-changed",
+            help="Retrain only when the DVC hash of data.source differs from the newest version's.",
+        ),
+    ] = False,
+    params: ParamsOpt = Path("params.yaml"),
+    root: RootOpt = Path("data/prepared"),
+    set_: SetOpt = None,
+) -> None:
+    """Retrain on a schedule from this machine: the flow served with flow.serve, no work pool.
+
+    Runs until stopped (Ctrl-C). Each scheduled run is a `training-pipeline` flow run in this
+    folder, one at a time; with PREFECT_API_URL set they show in that Prefect server's UI.
+    """
+    with user_errors("schedule"):
+        overrides = parse_overrides(set_)
+        load_params(params, overrides)
+        import zoneinfo
+
+        from prefect.schedules import Cron
+        from prefect.types.entrypoint import EntrypointType
+
+        from .flow import training_pipeline
+
+        try:
+            zoneinfo.ZoneInfo(timezone)
+            when = Cron(cron, timezone=timezone)
+        except (ValueError, zoneinfo.ZoneInfoNotFoundError) as exc:
+            raise VisiontuneError(f"--cron {cron!r} / --timezone {timezone!r}: {exc}") from None
+        training_pipeline.serve(
+            name=name,
+            schedules=[when],
+            parameters={
+                "params_path": str(params.absolute()),
+                "root": str(root.absolute()),
+                "overrides": overrides,
+                "only_if_data_changed": only_if_data_changed,
+            },
+            global_limit=1,  # the deployment's concurrency limit: a late run waits for the last
+            limit=1,
+            tags=["visiontune", "retrain"],
+            entrypoint_type=EntrypointType.MODULE_PATH,
+        )
 
 
 @app.command()

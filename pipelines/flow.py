@@ -11,30 +11,68 @@ from typing import Any
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
+from prefect.tasks import exponential_backoff
 
 from visiontune.components.config import Params, load_params
 
-from . import stages
+from . import caching, stages
 
 
-def _task(name: str, **options):
-    return task(stages.STAGES[name], name=name, cache_policy=NONE, **options)
+def _cache_key(context, parameters: dict[str, Any]) -> str | None:
+    """The key the flow computed for this stage (see caching.stage_key); None when caching is off."""
+    return parameters["key"] if parameters["params"].flow.cache else None
 
 
-prepare = _task("prepare")
-validate = _task("validate")
-train = _task("train")  # no retries: a failed training run is a result to look at, not a blip
-evaluate = _task("evaluate")
-export = _task("export")
-register = _task("register", retries=2, retry_delay_seconds=5)  # the tracking server is I/O
+def _stage_task(name: str):
+    def run(params: Params, layout: stages.Layout, key: str):
+        result = stages.STAGES[name](params, layout)
+        caching.write_stamp(name, layout, key)
+        return result
+
+    run.__name__ = run.__qualname__ = name
+    run.__doc__ = stages.STAGES[name].__doc__
+    return task(run, name=name, cache_key_fn=_cache_key, persist_result=True)
+
+
+STAGE_TASKS = {name: _stage_task(name) for name in stages.STAGES}
+IO_STAGES = {"register"}  # talk to the tracking server: retried with backoff; training never is
+
+
+def _run_stage(name: str, params: Params, layout: stages.Layout, force: bool, extra: str = ""):
+    """Run one stage as a task, or take its cached result when its inputs are unchanged."""
+    key = caching.stage_key(name, params, layout, extra)
+    options: dict[str, Any] = {
+        "timeout_seconds": params.flow.timeout_minutes.seconds(name),
+        "result_storage": caching.results_folder(layout),
+        # outputs deleted or rewritten since (e.g. by dvc repro): run again, whatever Prefect cached
+        "refresh_cache": force or not caching.outputs_current(name, layout, key),
+    }
+    task_ = STAGE_TASKS[name].with_options(**options)
+    if name in IO_STAGES:
+        task_ = _io(task_, params)
+    state = task_(params, layout, key, return_state=True)
+    result = state.result()  # raises the stage's own error when it failed
+    print(f"{name}: {'cached, inputs unchanged' if state.name == 'Cached' else 'ran'}")
+    return result, state.name
+
+
+def _run_link(registered) -> str:
+    """The MLflow UI page of the registered run (its id, for a file or SQLite store)."""
+    uri, run = registered.tracking_uri, registered.run_id
+    if uri.startswith("http"):
+        return f"[{run}]({uri.rstrip('/')}/#/experiments/{registered.experiment_id}/runs/{run}) on {uri}"
+    return f"{run} in {uri}"
 
 
 @task(name="publish-validation-report", cache_policy=NONE)
-def publish_report(report: Path) -> None:
-    """The validation report as a Prefect markdown artifact."""
+def publish_report(report: Path, run_link: str = "") -> None:
+    """The validation report as a Prefect markdown artifact (with the MLflow run once registered)."""
     if report.exists():
+        markdown = report.read_text()
+        if run_link:
+            markdown += f"\n\nMLflow run: {run_link}\n"
         create_markdown_artifact(
-            key="validation-report", markdown=report.read_text(), description="visiontune validate"
+            key="validation-report", markdown=markdown, description="visiontune validate"
         )
 
 
@@ -48,14 +86,34 @@ def publish_evaluation(metrics: dict[str, float], report: str, registered) -> No
         table.append(
             f"| {key} | {'' if test is None else f'{test:.4f}'} | {'' if val is None else f'{val:.4f}'} |"
         )
-    uri = registered.tracking_uri
-    run = registered.run_id
-    link = f"{uri}/#/experiments/{registered.experiment_id}/runs/{run}" if uri.startswith("http") else run
     markdown = "\n".join(
-        ["# Evaluation", "", *table, "", f"MLflow run: {link} ({uri})",
+        ["# Evaluation", "", *table, "", f"MLflow run: {_run_link(registered)}",
          f"Model version: {registered.model_uri} (v{registered.version})", f"Report: {report}"]
     )  # fmt: skip
     create_markdown_artifact(key="evaluation-metrics", markdown=markdown, description="visiontune evaluate")
+
+
+def _io(io_task, params: Params):
+    """An I/O task (tracking server, Prefect API) with the flow's retries and exponential backoff."""
+    return io_task.with_options(
+        retries=params.flow.retries,
+        retry_delay_seconds=exponential_backoff(backoff_factor=params.flow.retry_delay_s),
+    )
+
+
+@task(name="check-data-version", cache_policy=NONE)
+def data_changed(params: Params) -> tuple[bool, str]:
+    """Whether data.source's DVC hash differs from the one the newest registered version trained on."""
+    from visiontune.components.prepare import source_hash
+    from visiontune.components.tracking import last_registered_data_hash
+
+    now = source_hash(params.data.source)
+    version, then = last_registered_data_hash(params.register_)
+    if version is None:
+        return True, f"no version of {params.register_.model_name} is registered yet"
+    if then == now:
+        return False, f"data {now} is what v{version} of {params.register_.model_name} trained on"
+    return True, f"data changed since v{version}: {then or 'unknown'} → {now}"
 
 
 @flow(name="training-pipeline", log_prints=True)
@@ -63,24 +121,48 @@ def training_pipeline(
     params_path: str = "params.yaml",
     root: str = "data/prepared",
     overrides: dict[str, Any] | None = None,
+    force: bool = False,
+    only_if_data_changed: bool = False,
 ) -> dict[str, Any]:
-    """prepare → validate → train → evaluate → export → register, on params.yaml (+ overrides)."""
+    """prepare → validate → train → evaluate → export → register, on params.yaml (+ overrides).
+
+    A stage whose inputs (data, params section, code) are unchanged since its last run is not run
+    again: its persisted result is used, as `dvc repro` skips an unchanged stage. `force` reruns
+    every stage. `only_if_data_changed` first compares the DVC hash of data.source with the one the
+    newest registered version was trained on, and stops there when they are equal.
+    """
     params: Params = load_params(params_path, overrides)
     layout = stages.Layout(Path(root))
-    prepare(params, layout)
+    if only_if_data_changed:
+        changed, why = _io(data_changed, params)(params)
+        print(f"retrain: {'yes' if changed else 'no'}: {why}")
+        if not changed:
+            return {"skipped": why}
+    ran: dict[str, str] = {}
+
+    def stage(name: str, extra: str = ""):
+        result, ran[name] = _run_stage(name, params, layout, force, extra)
+        return result
+
+    stage("prepare")
     try:
-        validate(params, layout)
+        stage("validate")
     finally:  # the report is worth reading most when the gate fails
-        publish_report(layout.validate / "report.md")
-    trained = train(params, layout)
-    evaluated = evaluate(params, layout)
-    exported = export(params, layout)
-    registered = register(params, layout)
-    publish_evaluation(evaluated.metrics, evaluated.report, registered)
+        _io(publish_report, params)(layout.validate / "report.md")
+    trained = stage("train")
+    evaluated = stage("evaluate")
+    exported = stage("export")
+    from visiontune.components.tracking import tracking_uri
+
+    registered = stage("register", extra=tracking_uri())  # a new tracking server: register again
+    _io(publish_evaluation, params)(evaluated.metrics, evaluated.report, registered)
+    _io(publish_report, params)(layout.validate / "report.md", _run_link(registered))
     return {
         "train": trained,
         "metrics": evaluated.metrics,
         "onnx": exported.onnx,
         "model_uri": registered.model_uri,
         "version": registered.version,
+        "run_id": registered.run_id,
+        "stages": ran,
     }

@@ -1,11 +1,14 @@
 """The Prefect flow runs the same stage functions and gives the same results as the stages."""
 
 import json
+import shutil
+from functools import partial
 
 import pytest
 import yaml
 from prefect.testing.utilities import prefect_test_harness
 
+from conftest import tiny_params, write_digits
 from visiontune.pipelines import stages
 from visiontune.pipelines.flow import training_pipeline
 
@@ -62,3 +65,98 @@ def test_failed_gate_fails_the_flow_with_its_message(trained, harness, tmp_path,
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["validation-report"]))
         )
     assert any("min_per_class" in (a.data or "") for a in found)
+
+
+def test_a_rerun_skips_unchanged_stages_and_reruns_what_changed(trained, harness, tmp_path, monkeypatch):
+    """As `dvc repro`: same inputs → every stage cached; a changed section or lost output → reruns."""
+    params, _ = trained
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    params_path = tmp_path / "params.yaml"
+    params_path.write_text(yaml.safe_dump(params.model_dump(by_alias=True)))
+    root = tmp_path / "prepared"
+    first = training_pipeline(params_path=str(params_path), root=str(root))
+    assert set(first["stages"].values()) == {"Completed"}
+    model = root / "train" / "model.safetensors"
+    written = model.stat().st_mtime_ns
+
+    again = training_pipeline(params_path=str(params_path), root=str(root))
+    assert set(again["stages"].values()) == {"Cached"}
+    assert model.stat().st_mtime_ns == written  # not retrained
+    assert again["metrics"] == first["metrics"] and again["version"] == first["version"] == "1"
+
+    changed = training_pipeline(
+        params_path=str(params_path), root=str(root), overrides={"evaluate.gallery": 2}
+    )
+    ran = {name for name, state in changed["stages"].items() if state != "Cached"}
+    assert ran == {"evaluate"}  # metrics.json is unchanged, so register (which reads it) is not rerun
+
+    shutil.rmtree(root / "export")  # a lost output is rebuilt, whatever Prefect cached
+    rebuilt = training_pipeline(params_path=str(params_path), root=str(root))
+    assert rebuilt["stages"]["export"] == "Completed" and (root / "export" / "model.onnx").exists()
+    assert all(rebuilt["stages"][name] == "Cached" for name in ("prepare", "validate", "train"))
+
+    forced = training_pipeline(params_path=str(params_path), root=str(root), force=True)
+    assert set(forced["stages"].values()) == {"Completed"} and forced["version"] == "2"
+
+
+def test_the_data_triggered_run_retrains_only_on_new_data(harness, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    data = write_digits(tmp_path / "raw")
+    params_path = tmp_path / "params.yaml"
+    params_path.write_text(yaml.safe_dump(tiny_params(data).model_dump(by_alias=True)))
+    run = partial(training_pipeline, params_path=str(params_path), root="p", only_if_data_changed=True)
+
+    assert run()["version"] == "1"  # nothing registered yet
+    skipped = run()
+    assert "skipped" in skipped and "v1" in skipped["skipped"]
+    write_digits(data, per_class=3, start=40)  # new images arrive
+    assert run()["version"] == "2"
+
+    from mlflow.tracking import MlflowClient
+
+    from visiontune.components.prepare import source_hash
+
+    tags = MlflowClient("sqlite:///mlflow.db").get_model_version("visiontune-classifier", "2").tags
+    assert tags["dvc_data_hash"] == source_hash(str(data)) and tags["dvc_data_hash"].endswith(".dir")
+
+
+def test_a_stage_past_its_timeout_fails_the_flow(trained, harness, tmp_path, monkeypatch):
+    params, _ = trained
+    monkeypatch.chdir(tmp_path)
+    raw = params.model_dump(by_alias=True)
+    raw["flow"]["timeout_minutes"]["prepare"] = 0.001  # 60 ms: decoding the images takes longer
+    params_path = tmp_path / "params.yaml"
+    params_path.write_text(yaml.safe_dump(raw))
+    state = training_pipeline(params_path=str(params_path), root=str(tmp_path / "p"), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(Exception, match="(?i)timed out|timeout"):
+        state.result()
+    assert not (tmp_path / "p" / "validate").exists()
+
+
+def test_registry_io_is_retried_and_the_outage_named(trained, harness, tmp_path, monkeypatch):
+    """Register retries with backoff; training does not rerun; the error names the URI and the fix."""
+    params, _ = trained
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # nothing listens there
+    raw = params.model_dump(by_alias=True)
+    raw["flow"].update(retries=2, retry_delay_s=0.1)
+    params_path = tmp_path / "params.yaml"
+    params_path.write_text(yaml.safe_dump(raw))
+    state = training_pipeline(params_path=str(params_path), root=str(tmp_path / "p"), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(Exception, match="127.0.0.1:9.*make mlflow-server"):
+        state.result()
+    assert (tmp_path / "p" / "export" / "model.onnx").exists()  # the artifacts stay for a later register
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        )
+    attempts = {run.name.rsplit("-", 1)[0]: run.run_count for run in runs}
+    assert attempts["register"] == 3 and attempts["train"] == 1
