@@ -249,7 +249,10 @@ def promote(
     root: RootOpt = Path("data/prepared"),
     set_: SetOpt = None,
 ) -> None:
-    """Promote the candidate to champion if it beats the champion by register.min_improvement."""
+    """Promote the candidate to champion if it beats the champion by register.min_improvement.
+
+    Exit code 0: promoted; 2: refused (the decision is printed and tagged on the version); 1: error.
+    """
     from visiontune.components.tracking import promote as run
 
     with user_errors("promote"):
@@ -257,6 +260,8 @@ def promote(
         result = run(config.register_, stages.Layout(root).prepare, version)
     typer.echo(json.dumps(dataclasses.asdict(result), indent=2))
     typer.echo(f"{'promoted' if result.promoted else 'not promoted'}: {result.reason}")
+    if not result.promoted:
+        raise typer.Exit(2)  # scripts and CI can tell a refusal from a promotion
 
 
 @app.command()

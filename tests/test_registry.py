@@ -91,3 +91,23 @@ def test_server_down_names_the_uri_keeps_artifacts_and_register_reruns(exported,
     result = stages.register(p, layout)  # rerun later: the same artifacts are logged
     assert result.version == "1"
     assert json.loads((layout.register / "registration.json").read_text())["model_name"] == "later"
+
+
+def test_promote_command_exit_code_tells_promotion_from_refusal(
+    exported, mlflow_server, monkeypatch, tmp_path
+):
+    from typer.testing import CliRunner
+
+    from visiontune.pipelines.cli import app
+
+    params, layout = exported
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    p = _named(params, "exitcodes")
+    stages.register(p, layout)
+    (tmp_path / "params.yaml").write_text(json.dumps(p.model_dump(by_alias=True)))  # JSON is YAML
+    args = ["promote", "--params", str(tmp_path / "params.yaml"), "--root", str(layout.root)]
+    promoted = CliRunner().invoke(app, args)
+    assert promoted.exit_code == 0, promoted.output
+    assert json.loads(promoted.output[: promoted.output.rindex("}") + 1])["promoted"] is True
+    refused = CliRunner().invoke(app, [*args, "--set", "register.min_improvement=0.5"])
+    assert refused.exit_code == 2 and "not promoted" in refused.output
