@@ -34,29 +34,52 @@ class DecodedStore:
         if pixels.exists() and pixels.stat().st_size < len(self.index) * self.row_bytes:
             self.index = {}
 
-    def add(self, paths: list[str], shas: list[str], batch: int = 256) -> int:
-        """Decode the images not yet stored; returns how many were decoded."""
+    def add(
+        self,
+        paths: list[str],
+        shas: list[str],
+        batch: int = 256,
+        shard: tuple[int, int] = (0, 1),
+        barrier=lambda: None,
+    ) -> int:
+        """Decode the images not yet stored; returns how many were decoded.
+
+        With shard=(i, n) (the processes of one machine, all calling add with the same list), each
+        decodes its own interleaved chunks straight into their rows of one preallocated file; the
+        first writes the index once all are done (`barrier` waits for all of them).
+        """
         todo = {}
         for path, sha in zip(paths, shas, strict=True):
             if sha not in self.index and sha not in todo:
                 todo[sha] = path
         if not todo:
             return 0
-        self.folder.mkdir(parents=True, exist_ok=True)
         items = list(todo.items())
-        with open(self.folder / PIXELS, "r+b" if (self.folder / PIXELS).exists() else "wb") as fh:
-            fh.seek(len(self.index) * self.row_bytes)
-            fh.truncate()
-            for start in range(0, len(items), batch):
+        base = len(self.index)
+        rank, world = shard
+        pixels = self.folder / PIXELS
+        barrier()  # every process has read the index before the first one changes the store
+        if rank == 0:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            with open(pixels, "r+b" if pixels.exists() else "wb") as fh:
+                fh.truncate(base * self.row_bytes)  # rows past the index are a cut-short write
+                fh.truncate((base + len(items)) * self.row_bytes)
+        barrier()
+        with open(pixels, "r+b") as fh:
+            for start in range(rank * batch, len(items), world * batch):
                 chunk = items[start : start + batch]
+                fh.seek((base + start) * self.row_bytes)
                 fh.write(images.load_batch([p for _, p in chunk], self.size).tobytes())
-                for sha, _ in chunk:
-                    self.index[sha] = len(self.index)
             fh.flush()
             os.fsync(fh.fileno())
-        tmp = self.folder / (INDEX + ".tmp")
-        tmp.write_text(json.dumps(self.index))
-        tmp.replace(self.folder / INDEX)  # the index is written last: it vouches for the rows
+        for i, (sha, _) in enumerate(items):
+            self.index[sha] = base + i
+        barrier()  # all rows are on disk
+        if rank == 0:
+            tmp = self.folder / (INDEX + ".tmp")
+            tmp.write_text(json.dumps(self.index))
+            tmp.replace(self.folder / INDEX)  # the index is written last: it vouches for the rows
+        barrier()
         return len(items)
 
     def rows(self, shas: list[str]) -> np.ndarray:
@@ -71,8 +94,10 @@ class DecodedStore:
         return np.memmap(self.folder / PIXELS, dtype=np.uint8, mode="r", shape=(n, self.size, self.size, 3))
 
 
-def decoded(root: Path, size: int, paths: list[str], shas: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(memory-mapped pixels, row of each image): decoding only what the store lacks."""
+def decoded(
+    root: Path, size: int, paths: list[str], shas: list[str], shard: tuple[int, int] = (0, 1), barrier=None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(memory-mapped pixels, row of each image): decoding only what the store lacks, in shards."""
     store = DecodedStore(root, size)
-    store.add(paths, shas)
+    store.add(paths, shas, shard=shard, barrier=barrier or (lambda: None))
     return store.pixels(), store.rows(shas)

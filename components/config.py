@@ -93,6 +93,8 @@ class TrainConfig(Section):
     channels_last: bool = True
     compile: bool = False  # torch.compile the model (slow to start; pays off on long GPU runs)
     deterministic: bool = False  # deterministic kernels (slower on GPU)
+    nproc: int = Field(1, ge=1)  # data-parallel processes (torchrun); batch_size stays the global batch
+    dist_timeout_s: float = Field(300, gt=0)  # a collective waiting longer than this fails the run
 
     @property
     def base_lr(self) -> float:

@@ -24,10 +24,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from sklearn.metrics import f1_score
 from tqdm import tqdm
 
-from . import cache, images, manifest
+from . import cache, distributed, images, manifest
 from . import model as models
 from .config import BaseConfig, ModelConfig, TrainConfig
 from .errors import VisiontuneError
@@ -81,11 +80,22 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
 
 
 def augment(
-    x: torch.Tensor, gen: torch.Generator, crop_scale: float, hflip: bool, jitter: float = 0.0
+    x: torch.Tensor,
+    gen: torch.Generator,
+    crop_scale: float,
+    hflip: bool,
+    jitter: float = 0.0,
+    part: tuple[int, int, int] | None = None,
 ) -> torch.Tensor:
     """Random resized crop (area in [crop_scale, 1], aspect 3/4–4/3), optional flip and colour
-    jitter, batched, on a float NCHW batch in [0, 1]; random numbers come from `gen` (CPU)."""
-    n = x.shape[0]
+    jitter, batched, on a float NCHW batch in [0, 1]; random numbers come from `gen` (CPU).
+
+    part=(rank, world, global batch size): x is this rank's share of a global batch (every
+    world-th image from rank); the random draws are made for the whole global batch, so each
+    image is augmented as a single process would augment it.
+    """
+    n = x.shape[0] if part is None else part[2]
+    pick = slice(None) if part is None else slice(part[0], None, part[1])
     area = crop_scale + (1 - crop_scale) * torch.rand(n, generator=gen)
     log_ratio = math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * torch.rand(n, generator=gen)
     ratio = log_ratio.exp()
@@ -94,12 +104,14 @@ def augment(
     cx = (1 - w) * (2 * torch.rand(n, generator=gen) - 1)  # centre, in [-1, 1] grid units
     cy = (1 - h) * (2 * torch.rand(n, generator=gen) - 1)
     sx = torch.where(torch.rand(n, generator=gen) < 0.5, -w, w) if hflip else w
-    theta = torch.zeros(n, 2, 3)
+    sx, cx, h, cy = sx[pick], cx[pick], h[pick], cy[pick]
+    theta = torch.zeros(x.shape[0], 2, 3)
     theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = sx, cx, h, cy
     grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     if jitter > 0:
-        factors = (1 + jitter * (2 * torch.rand(3, n, 1, 1, 1, generator=gen) - 1)).to(x.device, x.dtype)
+        factors = 1 + jitter * (2 * torch.rand(3, n, 1, 1, 1, generator=gen) - 1)
+        factors = factors[:, pick].to(x.device, x.dtype)
         x = x * factors[0]  # brightness
         mean = x.mean(dim=(1, 2, 3), keepdim=True)
         x = (x - mean) * factors[1] + mean  # contrast
@@ -160,19 +172,32 @@ def epoch_order(labels: np.ndarray, gen: torch.Generator, balanced: bool) -> np.
 
 
 @torch.no_grad()
-def _evaluate(model, pixels, rows, y, prep, device, batch_size, autocast) -> tuple[float, float, float]:
+def _evaluate(model, pixels, rows, y, prep, device, batch_size, autocast, n_classes) -> np.ndarray:
+    """[loss sum, confusion counts...] over these rows: sums, so that ranks can add theirs up."""
     model.eval()
-    losses, preds = [], []
+    loss, confusion = 0.0, np.zeros((n_classes, n_classes), dtype=np.float64)
     for i in range(0, len(y), batch_size):
         batch = torch.from_numpy(pixels[rows[i : i + batch_size]]).to(device)
         with autocast():
             logits = model(images.normalize_tensor(batch, prep.mean, prep.std)).float()
         target = torch.from_numpy(y[i : i + batch_size]).to(device)
-        losses.append(F.cross_entropy(logits, target, reduction="sum").item())
-        preds.append(logits.argmax(1).cpu().numpy())
-    pred = np.concatenate(preds)
-    f1 = f1_score(y, pred, average="macro", zero_division=0)
-    return sum(losses) / len(y), float((pred == y).mean()), float(f1)
+        loss += F.cross_entropy(logits, target, reduction="sum").item()
+        np.add.at(confusion, (y[i : i + batch_size], logits.argmax(1).cpu().numpy()), 1)
+    return np.concatenate([[loss], confusion.ravel()])
+
+
+def _val_metrics(sums: np.ndarray, n_classes: int) -> tuple[float, float, float]:
+    """(val loss, accuracy, macro F1 over the classes seen in labels or predictions)."""
+    confusion = sums[1:].reshape(n_classes, n_classes)
+    total = confusion.sum()
+    tp, predicted, actual = np.diag(confusion), confusion.sum(0), confusion.sum(1)
+    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+    recall = np.divide(tp, actual, out=np.zeros_like(tp), where=actual > 0)
+    f1 = np.divide(
+        2 * precision * recall, precision + recall, out=np.zeros_like(tp), where=precision + recall > 0
+    )
+    seen = (predicted + actual) > 0
+    return float(sums[0] / total), float(tp.sum() / total), float(f1[seen].mean())
 
 
 def _fingerprint(cfg: TrainConfig, model_cfg: ModelConfig, base: BaseConfig, manifest_sha: str) -> str:
@@ -240,22 +265,37 @@ def train(
     resume: Literal["auto", "never", "must"] = "auto",
     on_epoch_end: Callable[[int, torch.nn.Module], None] | None = None,
 ) -> TrainResult:
-    """Fine-tune on prepared/manifest.csv; write the best checkpoint and history.csv to out."""
+    """Fine-tune on prepared/manifest.csv; write the best checkpoint and history.csv to out.
+
+    Under torchrun (train.nproc > 1, or several nodes) every process runs this: each trains on
+    its share of every global batch, gradients are averaged across processes (DDP), and rank 0
+    writes the files; the others return rank 0's result.
+    """
+    ctx, rank_device = distributed.init(cfg.device, cfg.dist_timeout_s)
+    try:
+        return _train(ctx, rank_device, cfg, model_cfg, base, prepared, out, store, resume, on_epoch_end)
+    finally:
+        distributed.shutdown()
+
+
+def _train(ctx, rank_device, cfg, model_cfg, base, prepared, out, store, resume, on_epoch_end) -> TrainResult:
     started = time.perf_counter()
+    say = tqdm.write if ctx.main else (lambda *_: None)
     out.mkdir(parents=True, exist_ok=True)
     manifest_path = prepared / "manifest.csv"
     frame = manifest.read(manifest_path)
     class_names = manifest.class_names(frame)
     index = {name: i for i, name in enumerate(class_names)}
-    device = pick_device(cfg.device)
+    device = rank_device or pick_device(cfg.device)
     seed_everything(base.seed, cfg.deterministic)
     model, prep, frozen = _build(cfg, model_cfg, len(class_names))
     trainable, total = models.count_parameters(model)
-    tqdm.write(f"{cfg.method}: {trainable:,} of {total:,} parameters train ({100 * trainable / total:.2f} %)")
+    say(f"{cfg.method}: {trainable:,} of {total:,} parameters train ({100 * trainable / total:.2f} %)")
+    if ctx.world > 1:
+        say(f"data-parallel: {ctx.world} processes on {device.type}, global batch {cfg.batch_size}")
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    forward = torch.compile(model) if cfg.compile else model
     autocast = (
         (lambda: torch.autocast("cuda", dtype=torch.bfloat16))
         if device.type == "cuda" and cfg.bf16
@@ -264,7 +304,12 @@ def train(
 
     train_rows, val_rows = frame[frame["split"] == "train"], frame[frame["split"] == "val"]
     pixels, rows = cache.decoded(
-        store or out.parent / "cache", prep.size, frame["path"].tolist(), frame["sha256"].tolist()
+        store or out.parent / "cache",
+        prep.size,
+        frame["path"].tolist(),
+        frame["sha256"].tolist(),
+        shard=(ctx.local_rank, ctx.local_world),  # the processes of a machine decode a share each
+        barrier=ctx.barrier,
     )  # decoded once per resolution; epochs read this memory map
     row_of = dict(zip(frame["path"], rows, strict=True))
     x_train = np.array([row_of[p] for p in train_rows["path"]], dtype=np.int64)
@@ -294,15 +339,22 @@ def train(
     resume_dir = out / RESUME
     saved = resume_dir / "state.json"
     if resume == "never":
-        shutil.rmtree(resume_dir, ignore_errors=True)
+        if ctx.main:
+            shutil.rmtree(resume_dir, ignore_errors=True)
     elif saved.exists() and json.loads(saved.read_text()).get("fingerprint") == fingerprint:
         info, best_state = _load_resume(resume_dir, model, optimizer, gen)
         history, best, step, bad_epochs = info["history"], info["best"], info["step"], info["bad_epochs"]
         start_epoch = info["epoch"] + 1
-        tqdm.write(f"resuming after epoch {info['epoch']} from {resume_dir}")
+        say(f"resuming after epoch {info['epoch']} from {resume_dir}")
     elif resume == "must":
         raise VisiontuneError(f"{resume_dir}: no saved state of this run to resume; run without --resume")
     resumed_from = start_epoch - 1
+    ddp = model
+    if ctx.world > 1:  # after resuming: every rank starts from the same state
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    forward = torch.compile(ddp) if cfg.compile else ddp
 
     stopped_early = bool(history) and bad_epochs >= cfg.patience
     for epoch in range(start_epoch, cfg.epochs + 1):
@@ -319,26 +371,31 @@ def train(
             desc=f"epoch {epoch}/{cfg.epochs}",
             leave=False,
             mininterval=1.0,
-            disable=None,
+            disable=None if ctx.main else True,  # rank 0 shows every rank's images together
         )
         optimizer.zero_grad(set_to_none=True)
         batches = [order[i : i + micro] for i in range(0, n, micro)]
         for b, idx in enumerate(batches):
-            if len(idx) < 2:  # batch norm cannot train on a single image
+            if len(idx) < 2 * ctx.world:  # batch norm cannot train on a single image
                 continue
-            batch = torch.from_numpy(pixels[x_train[idx]]).to(device, non_blocking=True)
+            mine = ctx.shard(idx)  # this rank's share of the global batch
+            batch = torch.from_numpy(pixels[x_train[mine]]).to(device, non_blocking=True)
             if randaugment is not None:  # per image on uint8 NCHW, then back to NHWC
                 chw = batch.permute(0, 3, 1, 2)
                 batch = torch.stack([randaugment(img) for img in chw]).permute(0, 2, 3, 1)
-            x = augment(images.unit_tensor(batch), gen, cfg.crop_scale, cfg.hflip, cfg.color_jitter)
+            part = None if ctx.world == 1 else (ctx.rank, ctx.world, len(idx))
+            x = augment(images.unit_tensor(batch), gen, cfg.crop_scale, cfg.hflip, cfg.color_jitter, part)
             x = images.standardize_tensor(x, prep.mean, prep.std)
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            y = torch.from_numpy(y_train[idx]).to(device)
+            y = torch.from_numpy(y_train[mine]).to(device)
             with autocast():
                 if cfg.mixup > 0:
                     lam = float(torch.distributions.Beta(cfg.mixup, cfg.mixup).sample())
-                    perm = torch.randperm(len(idx), generator=gen).to(device)
+                    perm = torch.randperm(len(idx), generator=gen)  # drawn alike on every rank
+                    if ctx.world > 1:  # pairs within this rank's share
+                        perm = torch.argsort(perm[ctx.rank :: ctx.world])
+                    perm = perm.to(device)
                     logits = forward(lam * x + (1 - lam) * x[perm])
                     loss = lam * F.cross_entropy(
                         logits, y, weight=loss_weights, label_smoothing=cfg.label_smoothing
@@ -350,8 +407,12 @@ def train(
                     loss = F.cross_entropy(
                         logits, y, weight=loss_weights, label_smoothing=cfg.label_smoothing
                     )
-            (loss / cfg.grad_accum).backward()
-            if (b + 1) % cfg.grad_accum == 0 or b == len(batches) - 1:
+            stepping = (b + 1) % cfg.grad_accum == 0 or b == len(batches) - 1
+            # DDP averages gradients over ranks; this weight makes the average the global batch mean
+            weight = ctx.world * len(mine) / len(idx) / cfg.grad_accum
+            with ddp.no_sync() if ctx.world > 1 and not stepping else nullcontext():
+                (loss * weight).backward()
+            if stepping:
                 if cfg.clip_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
                 factor = lr_factor(step, warmup, total_steps)
@@ -360,16 +421,20 @@ def train(
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
-            seen += len(idx)
+            seen += len(mine)
             # recorded without smoothing or weights, so that it compares with val loss
             loss_sum += F.cross_entropy(logits.detach().float(), y, reduction="sum").item()
             bar.update(len(idx))
             bar.set_postfix(loss=f"{loss.item():.3f}")
         bar.close()
+        seen, loss_sum = ctx.sum([seen, loss_sum], device)  # every rank's images
         train_seconds = time.perf_counter() - t0
-        val_loss, val_acc, val_f1 = _evaluate(
-            forward, pixels, x_val, y_val, prep, device, cfg.batch_size * 2, autocast
-        )
+        scorer = forward if ctx.world == 1 else model  # each rank scores its share of val, no DDP hooks
+        sums = _evaluate(
+            scorer, pixels, ctx.shard(x_val), ctx.shard(y_val), prep, device, cfg.batch_size * 2, autocast,
+            len(class_names),
+        )  # fmt: skip
+        val_loss, val_acc, val_f1 = _val_metrics(ctx.sum(sums, device), len(class_names))
         row = {
             "epoch": epoch,
             "train_loss": loss_sum / max(1, seen),
@@ -381,25 +446,36 @@ def train(
             "seconds": time.perf_counter() - t0,
         }
         history.append(row)
-        tqdm.write(
+        say(
             f"epoch {epoch}/{cfg.epochs}: train loss {row['train_loss']:.4f}  val loss {val_loss:.4f}"
             f"  val acc {val_acc:.4f}  {row['images_per_s']:.0f} img/s"
         )
         if val_loss < best["val_loss"] - cfg.min_delta:
             best = {"val_loss": val_loss, "epoch": epoch, "val_accuracy": val_acc}
-            best_state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+            if ctx.main:
+                best_state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
             bad_epochs = 0
         else:
             bad_epochs += 1
-        info = {"fingerprint": fingerprint, "epoch": epoch, "step": step, "history": history}
-        _save_resume(
-            resume_dir, model, optimizer, gen, best_state, {**info, "best": best, "bad_epochs": bad_epochs}
-        )
-        if on_epoch_end is not None:  # e.g. a benchmark scoring the test split; not part of training
-            on_epoch_end(epoch, model)
-        if bad_epochs >= cfg.patience:
+        if ctx.main:
+            info = {"fingerprint": fingerprint, "epoch": epoch, "step": step, "history": history}
+            _save_resume(
+                resume_dir,
+                model,
+                optimizer,
+                gen,
+                best_state,
+                {**info, "best": best, "bad_epochs": bad_epochs},
+            )
+            if on_epoch_end is not None:  # e.g. a benchmark scoring the test split; not part of training
+                on_epoch_end(epoch, model)
+        if ctx.decide(bad_epochs >= cfg.patience, device):  # rank 0 decides for all
             stopped_early = True
-            tqdm.write(f"early stop: val loss has not improved for {cfg.patience} epochs")
+            say(f"early stop: val loss has not improved for {cfg.patience} epochs")
+
+    if not ctx.main:  # rank 0 writes the checkpoint; the others take its result
+        ctx.barrier()
+        return TrainResult(**json.loads((out / "train.json").read_text()))
 
     if best_state is None:
         raise VisiontuneError(
@@ -436,4 +512,5 @@ def train(
         seconds=time.perf_counter() - started,
     )
     (out / "train.json").write_text(json.dumps(asdict(result), indent=2))
+    ctx.barrier()
     return result

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -62,7 +63,8 @@ def _run_stage(
     with user_errors(name):
         params = load_params(params_path, parse_overrides(overrides))
         result = stages.STAGES[name](params, stages.Layout(root), **options)
-    typer.echo(json.dumps(dataclasses.asdict(result), indent=2, default=str))
+    if os.environ.get("RANK", "0") == "0" and "VISIONTUNE_LAUNCHER" not in os.environ:  # one report
+        typer.echo(json.dumps(dataclasses.asdict(result), indent=2, default=str))
 
 
 def _stage_command(name: str, summary: str) -> None:

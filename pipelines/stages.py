@@ -68,9 +68,52 @@ def validate(params: Params, layout: Layout):
 
 
 def train(params: Params, layout: Layout, resume: str = "auto"):
+    from visiontune.components import distributed
     from visiontune.components.train import train as run
 
+    if params.train.nproc > 1 and not distributed.launched():
+        return _torchrun_train(params, layout, resume)
     return run(params.train, params.model, params.base, layout.prepare, layout.train, layout.cache, resume)
+
+
+def _torchrun_train(params: Params, layout: Layout, resume: str):
+    """train.nproc data-parallel processes on this machine under torchrun, each `visiontune train`.
+
+    For several machines, run torchrun yourself on each with its rendezvous flags (README).
+    """
+    import json
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    import yaml
+
+    from visiontune.components.errors import VisiontuneError
+    from visiontune.components.train import TrainResult
+
+    n = params.train.nproc
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))  # the cores, shared out
+    env["VISIONTUNE_LAUNCHER"] = "1"  # this command reports the result, not its ranks
+    flag = {"auto": [], "must": ["--resume"], "never": ["--fresh"]}[resume]
+    with tempfile.TemporaryDirectory() as scratch:
+        resolved = os.path.join(scratch, "params.yaml")  # params.yaml with this run's overrides applied
+        with open(resolved, "w") as fh:
+            yaml.safe_dump(params.model_dump(by_alias=True, mode="json"), fh)
+        command = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
+            "-m", "visiontune.pipelines.cli", "train", "--params", resolved, "--root", str(layout.root),
+            *flag,
+        ]  # fmt: skip
+        done = subprocess.run(command, env=env)
+    if done.returncode != 0:
+        raise VisiontuneError(
+            f"train: the {n} data-parallel processes (train.nproc) failed, torchrun exit code "
+            f"{done.returncode}; the failing rank's error is above. The last finished epoch is kept: "
+            "rerun to resume, or set train.nproc: 1"
+        )
+    return TrainResult(**json.loads((layout.train / "train.json").read_text()))
 
 
 def evaluate(params: Params, layout: Layout):

@@ -90,8 +90,9 @@ def test_nothing_reruns_when_nothing_changed(repo):
 
 
 def test_train_param_change_reruns_train_and_later_only(repo):
-    set_params(repo, **{"train.lr": 5e-4})
+    set_params(repo, **{"train.lr": 5e-4, "train.nproc": 2})  # and data-parallel, under torchrun
     out = sh(repo, "dvc", "repro")
+    assert "data-parallel: 2 processes on cpu" in out
     assert "Running stage 'prepare'" not in out and "Running stage 'validate'" not in out
     for stage in ("train", "evaluate", "export", "register"):
         assert f"Running stage '{stage}'" in out
