@@ -153,6 +153,23 @@ class FlowConfig(Section):
     timeout_minutes: FlowTimeouts = FlowTimeouts()
 
 
+class ServeConfig(Section):
+    host: str = "127.0.0.1"  # loopback; 0.0.0.0 exposes the server to the network
+    port: int = Field(8000, ge=1, le=65535)
+    # an ONNX file or folder, models:/NAME@ALIAS (followed) or models:/NAME/VERSION (pinned)
+    model: str = "data/prepared/export/model.onnx"
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when onnxruntime-gpu sees a GPU
+    top_k: int = Field(5, ge=1)  # labels per image unless ?top_k= says otherwise
+    max_batch: int = Field(1, ge=1)  # images per onnxruntime call; 1 = no dynamic batching
+    max_wait_ms: float = Field(2.0, ge=0)  # how long a batch waits to fill up, after its first image
+    max_images: int = Field(16, ge=1)  # images per request
+    max_upload_mb: float = Field(20.0, gt=0)  # request body size, MiB
+    poll_s: float = Field(10.0, gt=0)  # how often a models:/NAME@ALIAS alias is checked
+    inference_threads: int = Field(1, ge=1)  # concurrent onnxruntime calls (each uses all cores)
+    decode_threads: int = Field(4, ge=1)  # concurrent image decodes (Pillow releases the GIL)
+    access_log: bool = False  # one log line per request (the /metrics counters always count)
+
+
 class Params(Section):
     base: BaseConfig = BaseConfig()
     data: DataConfig = DataConfig()
@@ -163,6 +180,7 @@ class Params(Section):
     export: ExportConfig = ExportConfig()
     register_: RegisterConfig = Field(RegisterConfig(), alias="register")
     flow: FlowConfig = FlowConfig()
+    serve: ServeConfig = ServeConfig()
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 

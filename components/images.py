@@ -7,11 +7,13 @@ into model input the same way everywhere. Imported, never run.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -23,6 +25,10 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", 
 
 class ImageDecodeError(VisiontuneError, ValueError):
     """An image file that cannot be decoded; the message names the file and the reason."""
+
+
+class ImageTooLargeError(ImageDecodeError):
+    """An image with more pixels than the limit (a decompression bomb, or a limit set too low)."""
 
 
 def sha256_file(path: Path) -> str:
@@ -56,12 +62,15 @@ _PIL_LIMIT_LOCK = threading.Lock()  # Pillow's pixel limit is a process-wide glo
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own default
 
 
-def _open(path: Path, max_pixels: int) -> Image.Image:
+ImageSource = str | Path | bytes | bytearray | memoryview | BinaryIO
+
+
+def _open(source: Path | BinaryIO, max_pixels: int) -> Image.Image:
     """Open (header only) with our pixel limit in place of Pillow's global one."""
     with _PIL_LIMIT_LOCK:
         previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
         try:
-            img = Image.open(path)
+            img = Image.open(source)
         finally:
             Image.MAX_IMAGE_PIXELS = previous
     if img.width * img.height > max_pixels:
@@ -72,21 +81,40 @@ def _open(path: Path, max_pixels: int) -> Image.Image:
     return img
 
 
-def load_image(path: str | Path, max_pixels: int | None = None) -> Image.Image:
-    """Decode an image fully as RGB, EXIF orientation applied; raise ImageDecodeError if unusable."""
-    path = Path(path)
+def _stream_size(stream: BinaryIO) -> int:
     try:
-        with _open(path, max_pixels or DEFAULT_MAX_PIXELS) as img:
+        return stream.seek(0, io.SEEK_END)
+    except (OSError, ValueError):
+        return -1
+
+
+def load_image(source: ImageSource, max_pixels: int | None = None, name: str | None = None) -> Image.Image:
+    """Decode an image fully as RGB, EXIF orientation applied; raise ImageDecodeError if unusable.
+
+    `source` is a file path, the encoded bytes, or a binary stream (an upload); `name` is what
+    error messages call it (default: the path, or "image").
+    """
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        source = io.BytesIO(source)
+    path = None if hasattr(source, "read") else Path(source)
+    label = name or (str(path) if path is not None else "image")
+    try:
+        with _open(path or source, max_pixels or DEFAULT_MAX_PIXELS) as img:
             img.load()  # forces a full decode: truncated files fail here, not later
             rgb = _to_rgb(ImageOps.exif_transpose(img))
     except FileNotFoundError:
-        raise ImageDecodeError(f"{path}: file not found") from None
+        raise ImageDecodeError(f"{label}: file not found") from None
     except Image.DecompressionBombError as exc:
-        raise ImageDecodeError(f"{path}: too many pixels ({exc}); raise validate.max_pixels") from None
+        raise ImageTooLargeError(f"{label}: too many pixels ({exc}); raise validate.max_pixels") from None
     except (OSError, ValueError, SyntaxError) as exc:
-        size = path.stat().st_size if path.exists() else 0
+        if path is not None:
+            size = path.stat().st_size if path.exists() else 0
+        else:
+            size = _stream_size(source)
+        if isinstance(exc, Image.UnidentifiedImageError):  # its message holds a repr, not the name
+            exc = "not an image format Pillow can read"
         reason = "empty file" if size == 0 else f"cannot decode: {exc}"
-        raise ImageDecodeError(f"{path}: {reason}") from None
+        raise ImageDecodeError(f"{label}: {reason}") from None
     return rgb
 
 
@@ -100,9 +128,11 @@ def resize(img: Image.Image, size: int) -> np.ndarray:
     return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
 
 
-def load_resized(path: str | Path, size: int, max_pixels: int | None = None) -> np.ndarray:
-    """Decode and resize one image file: uint8 HWC, size×size×3."""
-    return resize(load_image(path, max_pixels), size)
+def load_resized(
+    source: ImageSource, size: int, max_pixels: int | None = None, name: str | None = None
+) -> np.ndarray:
+    """Decode and resize one image (a file, bytes or a stream): uint8 HWC, size×size×3."""
+    return resize(load_image(source, max_pixels, name), size)
 
 
 def load_batch(paths: Sequence[str | Path], size: int) -> np.ndarray:

@@ -15,10 +15,27 @@ from . import images, metrics
 from .errors import VisiontuneError
 
 
+def execution_providers(device: str = "cpu") -> list[str]:
+    """onnxruntime providers for 'cpu', 'cuda' (an error when absent) or 'auto' (CUDA when present)."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device == "cuda":
+        raise VisiontuneError(
+            f"serve.device: cuda, but onnxruntime offers only {available}; install onnxruntime-gpu "
+            "in place of onnxruntime, or set serve.device: auto"
+        )
+    return ["CPUExecutionProvider"]
+
+
 class OnnxClassifier:
     """An exported model on onnxruntime (CPU unless another provider is asked for)."""
 
-    def __init__(self, path: Path, providers: list[str] | None = None):
+    def __init__(self, path: Path, providers: list[str] | None = None, spinning: bool = True):
         import onnxruntime as ort
 
         path = Path(path)
@@ -26,16 +43,27 @@ class OnnxClassifier:
             path = path / "model.onnx"
         if not path.is_file():
             raise VisiontuneError(f"{path}: no ONNX model here; run `visiontune export` or pass --model")
-        self.session = ort.InferenceSession(str(path), providers=providers or ["CPUExecutionProvider"])
+        options = ort.SessionOptions()
+        if not spinning:  # idle intra-op threads sleep instead of spinning: the cores go to decoding
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(
+            str(path), options, providers=providers or ["CPUExecutionProvider"]
+        )
         meta = self.session.get_modelmeta().custom_metadata_map
         missing = {"class_names", "mean", "std", "image_size"} - set(meta)
         if missing:
             raise VisiontuneError(f"{path}: ONNX metadata lacks {sorted(missing)}; export it with visiontune")
         self.path = path
+        self.metadata: dict[str, str] = dict(meta)
         self.class_names: list[str] = json.loads(meta["class_names"])
         self.mean, self.std = json.loads(meta["mean"]), json.loads(meta["std"])
         self.size = int(meta["image_size"])
         self.input = self.session.get_inputs()[0].name
+
+    @property
+    def provider(self) -> str:
+        """The execution provider the session runs on (CUDA falls back to CPU when no GPU answers)."""
+        return self.session.get_providers()[0]
 
     def logits(self, pixels: np.ndarray) -> np.ndarray:
         """Logits for a uint8 NHWC batch already resized to the model's size."""
@@ -56,18 +84,24 @@ class OnnxClassifier:
             if not chunk:
                 continue
             logits = self.logits(np.stack(pixels))
-            probs = metrics.softmax(logits)
-            for path, p in zip(chunk, probs, strict=True):
-                order = np.argsort(-p)[:k]
-                results.append(
-                    {
-                        "path": str(path),
-                        "label": self.class_names[order[0]],
-                        "confidence": float(p[order[0]]),
-                        "top_k": [{"label": self.class_names[i], "probability": float(p[i])} for i in order],
-                    }
-                )
+            for path, ranked in zip(chunk, self.rank(logits, k), strict=True):
+                results.append({"path": str(path), **ranked})
         return results
+
+    def rank(self, logits: np.ndarray, top_k: int = 1) -> list[dict]:
+        """Per row of logits: the top label, its probability, and the top-k labels with probabilities."""
+        k = max(1, min(top_k, len(self.class_names)))
+        out = []
+        for p in metrics.softmax(logits):
+            order = np.argsort(-p)[:k]
+            out.append(
+                {
+                    "label": self.class_names[order[0]],
+                    "confidence": float(p[order[0]]),
+                    "top_k": [{"label": self.class_names[i], "probability": float(p[i])} for i in order],
+                }
+            )
+        return out
 
 
 def collect(inputs: list[str]) -> list[str]:

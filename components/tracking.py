@@ -508,3 +508,42 @@ def rollback(cfg: RegisterConfig) -> dict[str, str]:
         client.set_model_version_tag(name, current.version, "promotion.decision", "rolled back")
         client.set_model_version_tag(name, current.version, "promotion.time", stamp)
     return {"model_name": name, "champion": str(previous.version), "demoted": str(demoted)}
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """A registered version as the server reports it: lineage tags and the metrics it was promoted with."""
+
+    name: str
+    version: str
+    run_id: str
+    tags: dict[str, str]
+    metrics: dict[str, float]
+
+
+def alias_version(name: str, alias: str) -> VersionInfo:
+    """The version models:/NAME@ALIAS points at now, with its tags (metrics are not fetched: {})."""
+    client = _client()
+    found = _version_by_alias(client, name, alias)
+    if found is None:
+        raise VisiontuneError(
+            f"models:/{name}@{alias}: no version of {name!r} has alias {alias!r} at {tracking_uri()}; "
+            "register one and promote it, or check the name, the alias and MLFLOW_TRACKING_URI"
+        )
+    return VersionInfo(name, str(found.version), found.run_id or "", dict(found.tags), {})
+
+
+def fetch_version(name: str, version: str, dest: Path) -> tuple[Path, VersionInfo]:
+    """Download version `version` of `name` into `dest`: (its ONNX file, its VersionInfo)."""
+    client = _client()
+    try:
+        found = client.get_model_version(name, version)
+        metrics = dict(client.get_run(found.run_id).data.metrics) if found.run_id else {}
+    except Exception as exc:  # an unknown version or an unreachable server
+        raise VisiontuneError(
+            f"models:/{name}/{version}: not found at {tracking_uri()} ({type(exc).__name__}: {exc}); "
+            "check the name, the version and MLFLOW_TRACKING_URI"
+        ) from None
+    path = download_model(f"models:/{name}/{version}", dest)
+    info = VersionInfo(name, str(found.version), found.run_id or "", dict(found.tags), metrics)
+    return path, info

@@ -328,6 +328,40 @@ def summary(root: RootOpt = Path("data/prepared")) -> None:
     typer.echo("\n".join(lines))
 
 
+@app.command()
+def serve(
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            help="An ONNX file or folder, models:/NAME@ALIAS (followed as the alias moves) or "
+            "models:/NAME/VERSION. Default: serve.model.",
+        ),
+    ] = None,
+    host: Annotated[str | None, typer.Option("--host", help="Address to bind (default serve.host).")] = None,
+    port: Annotated[int | None, typer.Option("--port", help="Port (default serve.port).")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Serve the model over HTTP: POST /v1/predict with images, a page at /, /docs, /metrics."""
+    import logging
+
+    with user_errors("serve"):
+        config = load_params(params, parse_overrides(set_), missing_ok=True)  # defaults outside a project
+        flags = {"model": model, "host": host, "port": port}
+        cfg = config.serve.model_copy(update={k: v for k, v in flags.items() if v is not None})
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
+        import uvicorn
+
+        from visiontune.pipelines.serve import Server, create_app, describe
+
+        server = Server(cfg, config.validate_.max_pixels)
+        app_ = create_app(cfg, server=server)
+    typer.echo(describe(server, cfg.host, cfg.port))
+    uvicorn.run(app_, host=cfg.host, port=cfg.port, access_log=cfg.access_log, log_level="info",
+                timeout_graceful_shutdown=5)  # fmt: skip
+
+
 def main() -> None:  # pragma: no cover - console entry
     app(prog_name="visiontune")
 
