@@ -353,7 +353,8 @@ def serve(
         logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
         import uvicorn
 
-        from visiontune.pipelines.serve import Server, create_app, describe
+        from visiontune.pipelines.model_server import Server
+        from visiontune.pipelines.serve import create_app, describe
 
         server = Server(cfg, config.validate_.max_pixels)
         app_ = create_app(cfg, server=server)

@@ -26,7 +26,7 @@ from conftest import _free_port
 from visiontune.components import manifest
 from visiontune.components.predict import OnnxClassifier
 from visiontune.pipelines.cli import app
-from visiontune.pipelines.serve import Batcher
+from visiontune.pipelines.model_server import Batcher
 
 MAX_PIXELS = 1_000_000  # validate.max_pixels for the served app: a 2000×2000 image is a "bomb"
 
