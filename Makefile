@@ -8,7 +8,7 @@ export PATH := $(BIN):$(PATH)
 # pip's index configuration on some machines warns about every missing local index entry
 QUIET_PIP := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: install run test lint mlflow-ui mlflow-server prefect-server prefect-worker clean
+.PHONY: install run test lint mlflow-ui mlflow-server mlflow-team-server prefect-server prefect-worker clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -36,6 +36,9 @@ mlflow-ui: install
 
 mlflow-server: install
 	bash infra/mlflow-server.sh
+
+mlflow-team-server: install
+	bash infra/mlflow-team-server.sh
 
 prefect-server: install
 	bash infra/prefect-server.sh

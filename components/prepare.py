@@ -142,6 +142,77 @@ def _inspect(path: str, max_pixels: int) -> dict:
         return {"error": reason}
 
 
+def _dvc_outs(root: Path) -> list[Path]:
+    """Outputs of the stages in root/dvc.yaml and root/dvc.lock, as absolute paths."""
+    import yaml
+
+    outs = []
+    for name in ("dvc.yaml", "dvc.lock"):
+        try:
+            stages = (yaml.safe_load((root / name).read_text()) or {}).get("stages") or {}
+        except (OSError, yaml.YAMLError, AttributeError):
+            continue
+        for stage in stages.values() if isinstance(stages, dict) else ():
+            if not isinstance(stage, dict):
+                continue
+            wdir = root / str(stage.get("wdir", "."))
+            for kind in ("outs", "metrics", "plots"):
+                for out in stage.get(kind) or ():
+                    if isinstance(out, dict):  # {path: options} in dvc.yaml, {path: ..., md5: ...} in .lock
+                        out = out.get("path", next(iter(out), None))
+                    if isinstance(out, str):
+                        outs.append(Path(os.path.normpath(wdir / out)))
+    return outs
+
+
+def dvc_tracked(path: Path) -> tuple[Path, Path, Path] | None:
+    """(repo root, what to `dvc pull`, the file that tracks it) when DVC tracks path; else None.
+
+    Tracked: a `<path>.dvc` beside it (or beside a folder that holds it), or a stage output in
+    the repo's dvc.yaml/dvc.lock. Reads files only; imports no DVC.
+    """
+    path = Path(os.path.abspath(path))
+    root = next((p for p in path.parents if (p / ".dvc").is_dir()), None)
+    if root is None:
+        return None
+    for p in (path, *path.parents):  # the source itself or a tracked folder that holds it
+        if p == root:
+            break
+        dvc_file = p.with_name(p.name + ".dvc")
+        if dvc_file.is_file():
+            return root, dvc_file, dvc_file
+    for out in _dvc_outs(root):
+        if path == out or out in path.parents:
+            return root, out, root / "dvc.yaml"
+    return None
+
+
+def pull_command(root: Path, target: Path) -> str:
+    """The `dvc pull` to type from the current folder."""
+    cwd = Path.cwd().absolute()
+    if cwd == root or root in cwd.parents:
+        return f"dvc pull {os.path.relpath(target, cwd)}"
+    return f"cd {root} && dvc pull {target.relative_to(root)}"
+
+
+def missing_tracked_data(path: Path, subject: str | None = None) -> None:
+    """Raise SourceError naming the `dvc pull` to run when path is tracked by DVC but not here.
+
+    Called only once a source turned out missing or empty, so a normal run pays nothing for it.
+    """
+    tracked = dvc_tracked(path)
+    if tracked is None:
+        return
+    root, target, tracker = tracked
+    path = Path(os.path.abspath(path))
+    if subject is None:
+        subject = f"data.source: {_display_path(path)} {'has no images' if path.is_dir() else 'is missing'}"
+    raise SourceError(
+        f"{subject}: tracked by DVC ({_display_path(tracker)}) but not present in this workspace; "
+        f"fetch it from the DVC remote with `{pull_command(root, target)}`, then run again"
+    )
+
+
 def resolve_source(source: str, out: Path) -> tuple[pd.DataFrame, list[str]]:
     """Turn data.source into rows of (path, label[, split])."""
     if source == BUILTIN_DIGITS:
@@ -150,9 +221,15 @@ def resolve_source(source: str, out: Path) -> tuple[pd.DataFrame, list[str]]:
         raise SourceError(f"data.source: unknown {source!r}; the built-in dataset is {BUILTIN_DIGITS}")
     path = Path(source)
     if path.is_dir():
-        return scan_folder(path)
+        try:
+            return scan_folder(path)
+        except SourceError:
+            missing_tracked_data(path)  # an empty folder that `dvc pull` would fill
+            raise
     if path.is_file() and path.suffix.lower() == ".csv":
         return read_csv_source(path), []
+    if not path.exists():
+        missing_tracked_data(path)
     raise SourceError(
         f"data.source: {source!r} is neither an image folder nor a .csv file; "
         f"set it to a folder (<root>/<class>/...), a CSV (path,label[,split]) or {BUILTIN_DIGITS}"
@@ -214,6 +291,10 @@ def prepare(data: DataConfig, base: BaseConfig, max_pixels: int, out: Path) -> P
     ]
     good = pd.concat([rows[~bad], info[~bad].drop(columns="error")], axis=1)
     if good.empty:
+        first = Path(rows["path"].iloc[0])
+        if not first.exists():  # a CSV in git whose images DVC tracks but nobody pulled
+            subject = f"data.source: {data.source!r}: its images ({_display_path(first)}, ...) are missing"
+            missing_tracked_data(first, subject)
         raise SourceError(f"data.source: {data.source!r}: none of {len(rows)} images could be decoded")
     given = good["split"] if "split" in good else pd.Series("", index=good.index)
     good["split"] = [

@@ -189,7 +189,12 @@ def register(cfg: RegisterConfig, candidate: Candidate, out: Path) -> RegisterRe
         location = None
         if uri.startswith("sqlite:///"):
             location = (Path.cwd() / DEFAULT_ARTIFACTS).absolute().as_uri()
-        experiment_id = client.create_experiment(cfg.experiment, artifact_location=location)
+        try:
+            experiment_id = client.create_experiment(cfg.experiment, artifact_location=location)
+        except mlflow.exceptions.MlflowException as exc:  # another run created it since we looked
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            experiment_id = client.get_experiment_by_name(cfg.experiment).experiment_id
     else:
         experiment_id = experiment.experiment_id
 

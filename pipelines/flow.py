@@ -101,6 +101,38 @@ def _io(io_task, params: Params):
     )
 
 
+@task(name="pull-data", cache_policy=NONE)
+def pull_data(params: Params) -> str:
+    """`dvc pull` the data version this checkout names, when DVC tracks data.source and has a remote."""
+    import subprocess
+    import sys
+
+    from visiontune.components.errors import VisiontuneError
+    from visiontune.components.prepare import dvc_tracked, pull_command
+
+    source = params.data.source
+    if source.startswith("builtin:"):
+        return f"{source}: built in, nothing to pull"
+    path = Path(source)
+    tracked = dvc_tracked(path) or (dvc_tracked(path.parent) if path.suffix.lower() == ".csv" else None)
+    if tracked is None:
+        return f"{source}: not tracked by DVC; using the files as they are"
+    root, target, _ = tracked
+    dvc = str(Path(sys.executable).with_name("dvc"))
+    remotes = subprocess.run([dvc, "remote", "list"], cwd=root, capture_output=True, text=True)
+    if remotes.returncode == 0 and not remotes.stdout.strip():
+        return f"{source}: no DVC remote configured in {root}; using the workspace's copy"
+    done = subprocess.run(
+        [dvc, "pull", str(target.relative_to(root))], cwd=root, capture_output=True, text=True
+    )
+    if done.returncode != 0:  # retried: remotes are I/O
+        raise VisiontuneError(
+            f"`{pull_command(root, target)}` failed ({done.returncode}): {done.stderr.strip()[-1500:]}"
+        )
+    said = (done.stdout.strip().splitlines() or ["up to date"])[-1]
+    return f"{source}: pulled the version {target.name} names ({said})"
+
+
 @task(name="check-data-version", cache_policy=NONE)
 def data_changed(params: Params) -> tuple[bool, str]:
     """Whether data.source's DVC hash differs from the one the newest registered version trained on."""
@@ -123,16 +155,21 @@ def training_pipeline(
     overrides: dict[str, Any] | None = None,
     force: bool = False,
     only_if_data_changed: bool = False,
+    pull: bool = True,
 ) -> dict[str, Any]:
     """prepare → validate → train → evaluate → export → register, on params.yaml (+ overrides).
 
     A stage whose inputs (data, params section, code) are unchanged since its last run is not run
     again: its persisted result is used, as `dvc repro` skips an unchanged stage. `force` reruns
     every stage. `only_if_data_changed` first compares the DVC hash of data.source with the one the
-    newest registered version was trained on, and stops there when they are equal.
+    newest registered version was trained on, and stops there when they are equal. `pull` first
+    fetches, with `dvc pull`, the data version the checkout's .dvc files name (when DVC tracks
+    data.source and a remote is configured), so that a fresh worker trains on the right data.
     """
     params: Params = load_params(params_path, overrides)
     layout = stages.Layout(Path(root))
+    if pull:
+        print(_io(pull_data, params)(params))
     if only_if_data_changed:
         changed, why = _io(data_changed, params)(params)
         print(f"retrain: {'yes' if changed else 'no'}: {why}")

@@ -119,3 +119,173 @@ def exported(trained):
     stages.evaluate(params, layout)
     stages.export(params, layout)
     return params, layout
+
+
+# --- beyond one machine: an S3 endpoint, PostgreSQL and a team MLflow server on 127.0.0.1 ---
+
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+def _wait_http(url: str, proc: subprocess.Popen, log: Path, what: str, tries: int = 240) -> None:
+    import urllib.error
+
+    for _ in range(tries):  # 0.25 s apart: a minute at most
+        if proc.poll() is not None:
+            break
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            return
+        except urllib.error.HTTPError:  # it answers, even if not with 200 for this path
+            return
+        except OSError:
+            time.sleep(0.25)
+    raise RuntimeError(f"{what} did not start: {log.read_text()[-2000:]}")
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM to the process group a fixture started (start_new_session), then reap the leader."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:  # it already exited (and its group with it)
+        pass
+    proc.wait(timeout=30)
+
+
+def s3_client(endpoint: str):
+    import boto3
+
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id=S3_ENV["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=S3_ENV["AWS_SECRET_ACCESS_KEY"],
+        region_name=S3_ENV["AWS_DEFAULT_REGION"],
+    )
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory):
+    """moto's standalone S3 server on 127.0.0.1 (S3 over HTTP, in memory): its endpoint URL."""
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    port = _free_port()
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=open(log, "w"),
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_http(f"{url}/moto-api/", proc, log, "moto_server")
+        yield url
+    finally:
+        _stop_group(proc)
+
+
+def _postgres_bin() -> Path | None:
+    import shutil
+
+    found = shutil.which("initdb")
+    if found:
+        return Path(found).parent
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]))
+    return versions[-1].parent if versions else None
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server (initdb + pg_ctl in a temporary folder, 127.0.0.1, password auth):
+    a SQLAlchemy URI of its empty `mlflow` database. Run as the `postgres` user when we are root."""
+    import pwd
+    import shutil
+    import tempfile
+
+    bindir = _postgres_bin()
+    if bindir is None:
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not found: apt-get install postgresql")
+    as_user: list[str] = []
+    if os.geteuid() == 0:  # initdb and postgres refuse to run as root
+        try:
+            owner = pwd.getpwnam("postgres")  # created by Debian's postgresql-common
+        except KeyError:
+            pytest.skip("running as root and there is no `postgres` user to run PostgreSQL as")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    root = Path(tempfile.mkdtemp(prefix="visiontune-pg-"))  # not under pytest's 0700 root folder
+    if as_user:
+        os.chown(root, owner.pw_uid, owner.pw_gid)
+    user, password, port = "visiontune", "test-secret", _free_port()
+    pwfile = root / "pw"
+    pwfile.write_text(password)
+    if as_user:
+        os.chown(pwfile, owner.pw_uid, owner.pw_gid)
+
+    def pg(*cmd: str) -> None:
+        subprocess.run([*as_user, *cmd], check=True, capture_output=True, timeout=60)
+
+    data = root / "data"
+    try:
+        pg(str(bindir / "initdb"), "-D", str(data), "-U", user, f"--pwfile={pwfile}",
+           "--auth=scram-sha-256", "-E", "UTF8", "--no-sync")  # fmt: skip
+        pg(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(root / "server.log"), "-w", "start",
+           "-o", f"-h 127.0.0.1 -p {port} -k {root} -c fsync=off")  # fmt: skip
+    except subprocess.CalledProcessError as exc:
+        shutil.rmtree(root, ignore_errors=True)
+        raise RuntimeError(f"PostgreSQL did not start: {exc.stderr.decode()[-2000:]}") from None
+    try:
+        import psycopg2
+
+        conn = psycopg2.connect(host="127.0.0.1", port=port, user=user, password=password, dbname="postgres")
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute("CREATE DATABASE mlflow")
+            cur.execute("CREATE DATABASE mlflow_script")  # a second, empty one for the infra script
+        conn.close()
+        # the driver named: SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3, not psycopg2
+        yield f"postgresql+psycopg2://{user}:{password}@127.0.0.1:{port}/mlflow"
+    finally:
+        subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"],
+                       capture_output=True, timeout=60)  # fmt: skip
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def team_mlflow_server(tmp_path_factory, postgres, s3_endpoint):
+    """A real tracking server as a team runs it: PostgreSQL backend store, artifacts proxied
+    (--serve-artifacts) into an S3 bucket on the moto endpoint, bound to loopback, 2 workers."""
+    s3_client(s3_endpoint).create_bucket(Bucket="team-mlflow")
+    root = tmp_path_factory.mktemp("team-mlflow")
+    port = _free_port()
+    env = {**os.environ, **S3_ENV, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.Popen(
+        [
+            str(Path(sys.executable).with_name("mlflow")),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            postgres,
+            "--artifacts-destination",
+            "s3://team-mlflow/artifacts",
+            "--serve-artifacts",
+            "--workers",
+            "2",
+        ],
+        env=env,
+        cwd=root,
+        stdout=subprocess.DEVNULL,
+        stderr=open(root / "server.log", "w"),
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_http(f"{url}/health", proc, root / "server.log", "mlflow server (PostgreSQL, S3)")
+        yield url
+    finally:
+        _stop_group(proc)
