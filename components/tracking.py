@@ -35,6 +35,7 @@ class Candidate:
     checkpoint: Path  # folder with model.safetensors, checkpoint.json, history.csv
     evaluation: Path  # folder with metrics.json and plots
     onnx: Path
+    data_hash: str = ""  # the DVC hash of data.source (pipelines.dataversion), tagged on the version
 
 
 @dataclass(frozen=True)
@@ -88,16 +89,6 @@ def lineage() -> dict[str, str]:
         "git_commit": commit or "unknown",
         "git_dirty": "unknown" if dirty is None else str(bool(dirty)).lower(),
     }
-
-
-def dvc_data_hash(source: str) -> str:
-    """The DVC hash of the data source now (see prepare.source_hash); empty when it is gone."""
-    from .prepare import SourceError, source_hash
-
-    try:
-        return source_hash(source)
-    except SourceError:
-        return ""
 
 
 def environment() -> dict[str, str]:
@@ -203,7 +194,7 @@ def register(cfg: RegisterConfig, candidate: Candidate, out: Path) -> RegisterRe
     metrics = json.loads((candidate.evaluation / "metrics.json").read_text())
     tags = {
         **lineage(),
-        "dvc_data_hash": dvc_data_hash(str(candidate.params.get("data.source"))),
+        "dvc_data_hash": candidate.data_hash,
         "manifest_sha256": prepared["manifest_sha256"],
         "data_source": str(candidate.params.get("data.source")),
         "model_name": train_meta["architecture"],

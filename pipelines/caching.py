@@ -88,7 +88,7 @@ def _content_digest(path: Path) -> str:
 
 def stage_key(stage: str, params: Params, layout: Layout, extra: str = "") -> str:
     """The cache key of `stage` for these params and the upstream outputs now on disk."""
-    from visiontune.components.prepare import source_hash
+    from .dataversion import source_hash
 
     inputs = STAGE_INPUTS[stage]
     parts = {

@@ -136,8 +136,9 @@ def pull_data(params: Params) -> str:
 @task(name="check-data-version", cache_policy=NONE)
 def data_changed(params: Params) -> tuple[bool, str]:
     """Whether data.source's DVC hash differs from the one the newest registered version trained on."""
-    from visiontune.components.prepare import source_hash
     from visiontune.components.tracking import last_registered_data_hash
+
+    from .dataversion import source_hash
 
     now = source_hash(params.data.source)
     version, then = last_registered_data_hash(params.register_)

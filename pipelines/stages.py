@@ -129,10 +129,18 @@ def export(params: Params, layout: Layout):
 
 
 def register(params: Params, layout: Layout):
+    from visiontune.components.prepare import SourceError
     from visiontune.components.tracking import Candidate
     from visiontune.components.tracking import register as run
 
+    from .dataversion import source_hash
+
+    try:
+        data_hash = source_hash(params.data.source)
+    except SourceError:  # the data moved since training: register what is on disk anyway
+        data_hash = ""
     candidate = Candidate(
+        data_hash=data_hash,
         params={**params.flat(), "train.resolved_lr": params.train.base_lr},
         prepare=layout.prepare / "prepare.json",
         validation=layout.validate,

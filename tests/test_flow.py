@@ -116,7 +116,7 @@ def test_the_data_triggered_run_retrains_only_on_new_data(harness, tmp_path, mon
 
     from mlflow.tracking import MlflowClient
 
-    from visiontune.components.prepare import source_hash
+    from visiontune.pipelines.dataversion import source_hash
 
     tags = MlflowClient("sqlite:///mlflow.db").get_model_version("visiontune-classifier", "2").tags
     assert tags["dvc_data_hash"] == source_hash(str(data)) and tags["dvc_data_hash"].endswith(".dir")
