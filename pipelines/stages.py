@@ -83,6 +83,7 @@ def _torchrun_train(params: Params, layout: Layout, resume: str):
     """
     import json
     import os
+    import signal
     import subprocess
     import sys
     import tempfile
@@ -106,11 +107,20 @@ def _torchrun_train(params: Params, layout: Layout, resume: str):
             "-m", "visiontune.pipelines.cli", "train", "--params", resolved, "--root", str(layout.root),
             *flag,
         ]  # fmt: skip
-        done = subprocess.run(command, env=env)
-    if done.returncode != 0:
+        launcher = subprocess.Popen(command, env=env, start_new_session=True)
+        try:
+            returncode = launcher.wait()
+        except BaseException:  # a flow timeout, Ctrl-C: stop torchrun and every rank with it
+            os.killpg(launcher.pid, signal.SIGTERM)
+            try:
+                launcher.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(launcher.pid, signal.SIGKILL)
+            raise
+    if returncode != 0:
         raise VisiontuneError(
             f"train: the {n} data-parallel processes (train.nproc) failed, torchrun exit code "
-            f"{done.returncode}; the failing rank's error is above. The last finished epoch is kept: "
+            f"{returncode}; the failing rank's error is above. The last finished epoch is kept: "
             "rerun to resume, or set train.nproc: 1"
         )
     return TrainResult(**json.loads((layout.train / "train.json").read_text()))
