@@ -8,7 +8,9 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -69,45 +71,31 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextmanager
+def _mlflow_server(root: Path, backend: str, artifacts: str, workers: int = 1, env: dict | None = None):
+    """`mlflow server` on 127.0.0.1 with proxied artifacts, in its own process group: yields its URL."""
+    port = _free_port()
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", backend, "--artifacts-destination", artifacts, "--serve-artifacts",
+         "--workers", str(workers)],
+        env=env, cwd=root, stdout=subprocess.DEVNULL, stderr=open(root / "server.log", "w"),
+        start_new_session=True,  # its job workers outlive a plain SIGTERM to the server PID
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_http(f"{url}/health", proc, root / "server.log", f"mlflow server ({backend.split(':')[0]})")
+        yield url
+    finally:
+        _stop_group(proc)
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real tracking server with a SQL backend and proxied artifacts, bound to loopback."""
     root = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
-    mlflow_bin = Path(sys.executable).with_name("mlflow")
-    proc = subprocess.Popen(
-        [
-            str(mlflow_bin),
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--backend-store-uri",
-            f"sqlite:///{root / 'mlflow.db'}",
-            "--artifacts-destination",
-            str(root / "artifacts"),
-            "--workers",
-            "1",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=open(root / "server.log", "w"),
-        start_new_session=True,  # its job workers outlive a plain SIGTERM to the server PID
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(120):
-            try:
-                if urllib.request.urlopen(f"{url}/health", timeout=1).status == 200:
-                    break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
+    with _mlflow_server(root, f"sqlite:///{root / 'mlflow.db'}", str(root / "artifacts")) as url:
         yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="session")
@@ -131,8 +119,6 @@ S3_ENV = {
 
 
 def _wait_http(url: str, proc: subprocess.Popen, log: Path, what: str, tries: int = 240) -> None:
-    import urllib.error
-
     for _ in range(tries):  # 0.25 s apart: a minute at most
         if proc.poll() is not None:
             break
@@ -147,12 +133,23 @@ def _wait_http(url: str, proc: subprocess.Popen, log: Path, what: str, tries: in
 
 
 def _stop_group(proc: subprocess.Popen) -> None:
-    """SIGTERM to the process group a fixture started (start_new_session), then reap the leader."""
+    """SIGTERM to the process group a fixture started (start_new_session), then reap the leader
+    (SIGKILL to the group if it has not exited in 30 s)."""
     try:
         os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
     except ProcessLookupError:  # it already exited (and its group with it)
-        pass
-    proc.wait(timeout=30)
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
+def _start_group(command: list[str], cwd: Path, env: dict, log: Path) -> subprocess.Popen:
+    """A server or worker in its own process group, its output in `log`; stop it with _stop_group."""
+    return subprocess.Popen(
+        command, cwd=cwd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True
+    )
 
 
 def s3_client(endpoint: str):
@@ -258,34 +255,7 @@ def team_mlflow_server(tmp_path_factory, postgres, s3_endpoint):
     (--serve-artifacts) into an S3 bucket on the moto endpoint, bound to loopback, 2 workers."""
     s3_client(s3_endpoint).create_bucket(Bucket="team-mlflow")
     root = tmp_path_factory.mktemp("team-mlflow")
-    port = _free_port()
     env = {**os.environ, **S3_ENV, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint}
     env.pop("MLFLOW_TRACKING_URI", None)
-    proc = subprocess.Popen(
-        [
-            str(Path(sys.executable).with_name("mlflow")),
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--backend-store-uri",
-            postgres,
-            "--artifacts-destination",
-            "s3://team-mlflow/artifacts",
-            "--serve-artifacts",
-            "--workers",
-            "2",
-        ],
-        env=env,
-        cwd=root,
-        stdout=subprocess.DEVNULL,
-        stderr=open(root / "server.log", "w"),
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_http(f"{url}/health", proc, root / "server.log", "mlflow server (PostgreSQL, S3)")
+    with _mlflow_server(root, postgres, "s3://team-mlflow/artifacts", workers=2, env=env) as url:
         yield url
-    finally:
-        _stop_group(proc)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ import pytest
 import yaml
 from prefect.testing.utilities import prefect_test_harness
 
-from conftest import tiny_params, write_digits
+from conftest import _stop_group, tiny_params, write_digits
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -69,15 +68,6 @@ def _wait_for_deployment(name: str, proc: subprocess.Popen, log: Path, timeout: 
     raise AssertionError(f"deployment {name} never appeared: {log.read_text()[-3000:]}")
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-
-
 def _check_run(flow_run, project: Path, log: Path) -> None:
     assert flow_run.state.is_completed(), f"{flow_run.state}: {log.read_text()[-3000:]}"
     train = json.loads((project / "data" / "prepared" / "train" / "train.json").read_text())
@@ -105,7 +95,7 @@ def test_visiontune_schedule_serves_a_cron_deployment_that_runs(api_url, tmp_pat
         flow_run = run_deployment("training-pipeline/nightly-test", timeout=600, poll_interval=2)
         _check_run(flow_run, project, log)
     finally:
-        _stop(proc)
+        _stop_group(proc)
 
 
 def test_prefect_yaml_deploys_to_a_process_worker(api_url, tmp_path):
@@ -140,7 +130,7 @@ def test_prefect_yaml_deploys_to_a_process_worker(api_url, tmp_path):
     try:
         worker.wait(timeout=600)
     finally:
-        _stop(worker)
+        _stop_group(worker)
     with get_client(sync_client=True) as client:
         flow_run = client.read_flow_run(flow_run.id)
     _check_run(flow_run, project, log)

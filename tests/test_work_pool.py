@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -19,26 +18,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import _free_port, tiny_params, write_digits
+from conftest import _free_port, _start_group, _stop_group, tiny_params, write_digits
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow
-
-
-def _start(command: list[str], cwd: Path, env: dict, log: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        command, cwd=cwd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True
-    )
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +32,7 @@ def prefect_server(tmp_path_factory):
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
     env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
-    server = _start(
+    server = _start_group(
         [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
         home, env, home / "server.log",
     )  # fmt: skip
@@ -76,7 +60,7 @@ def prefect_server(tmp_path_factory):
             },
         )
     finally:
-        _stop(server)
+        _stop_group(server)
 
 
 def test_two_workers_run_a_deployment_one_run_at_a_time(prefect_server, tmp_path):
@@ -99,7 +83,9 @@ def test_two_workers_run_a_deployment_one_run_at_a_time(prefect_server, tmp_path
         assert done.returncode == 0, done.stdout + done.stderr
 
     workers = [
-        _start([prefect, "worker", "start", "--pool", "visiontune"], project, env, project / f"worker{i}.log")
+        _start_group(
+            [prefect, "worker", "start", "--pool", "visiontune"], project, env, project / f"worker{i}.log"
+        )
         for i in range(2)
     ]
     try:
@@ -118,7 +104,7 @@ def test_two_workers_run_a_deployment_one_run_at_a_time(prefect_server, tmp_path
                 states = [client.read_flow_run(i).state for i in ids]
     finally:
         for worker in workers:
-            _stop(worker)
+            _stop_group(worker)
     logs = "\n".join((project / f"worker{i}.log").read_text()[-2000:] for i in range(2))
     assert all(s.is_completed() for s in states), f"{states}\n{logs}"
     assert not both_running and waited  # the deployment's limit of 1 held across the two workers
