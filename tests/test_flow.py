@@ -126,14 +126,15 @@ def test_a_stage_past_its_timeout_fails_the_flow(trained, harness, tmp_path, mon
     params, _ = trained
     monkeypatch.chdir(tmp_path)
     raw = params.model_dump(by_alias=True)
-    raw["flow"]["timeout_minutes"]["prepare"] = 0.001  # 60 ms: decoding the images takes longer
+    raw["flow"]["timeout_minutes"]["train"] = 0.001  # 60 ms: building the model alone takes longer
     params_path = tmp_path / "params.yaml"
     params_path.write_text(yaml.safe_dump(raw))
     state = training_pipeline(params_path=str(params_path), root=str(tmp_path / "p"), return_state=True)
     assert state.is_failed()
     with pytest.raises(Exception, match="(?i)timed out|timeout"):
         state.result()
-    assert not (tmp_path / "p" / "validate").exists()
+    assert (tmp_path / "p" / "validate" / "report.json").exists()  # the stages before it ran
+    assert not (tmp_path / "p" / "evaluate").exists()
 
 
 def test_registry_io_is_retried_and_the_outage_named(trained, harness, tmp_path, monkeypatch):
