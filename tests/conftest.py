@@ -259,3 +259,17 @@ def team_mlflow_server(tmp_path_factory, postgres, s3_endpoint):
     env.pop("MLFLOW_TRACKING_URI", None)
     with _mlflow_server(root, postgres, "s3://team-mlflow/artifacts", workers=2, env=env) as url:
         yield url
+
+
+def deploy_prefect_yaml(project: Path, env: dict) -> None:
+    """The project's prefect.yaml deployed as a user does it: a process work pool, `prefect deploy --all`."""
+    import shutil
+
+    shutil.copy(Path(__file__).resolve().parents[1] / "prefect.yaml", project / "prefect.yaml")
+    prefect = str(Path(sys.executable).with_name("prefect"))
+    for args in (
+        ["work-pool", "create", "visiontune", "--type", "process"],
+        ["--no-prompt", "deploy", "--all"],
+    ):
+        done = subprocess.run([prefect, *args], cwd=project, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout + done.stderr

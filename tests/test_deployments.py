@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -19,9 +18,8 @@ import pytest
 import yaml
 from prefect.testing.utilities import prefect_test_harness
 
-from conftest import _stop_group, tiny_params, write_digits
+from conftest import _stop_group, deploy_prefect_yaml, tiny_params, write_digits
 
-REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
@@ -103,15 +101,9 @@ def test_prefect_yaml_deploys_to_a_process_worker(api_url, tmp_path):
     from prefect.deployments import run_deployment
 
     project, env = _project(tmp_path)
-    shutil.copy(REPO / "prefect.yaml", project / "prefect.yaml")
     env = _env(env, api_url)
+    deploy_prefect_yaml(project, env)
     prefect = str(BIN / "prefect")
-    for args in (
-        ["work-pool", "create", "visiontune", "--type", "process"],
-        ["--no-prompt", "deploy", "--all"],
-    ):
-        done = subprocess.run([prefect, *args], cwd=project, env=env, capture_output=True, text=True)
-        assert done.returncode == 0, done.stdout + done.stderr
     with get_client(sync_client=True) as client:
         nightly = client.read_deployment_by_name("training-pipeline/nightly-retrain")
         on_data = client.read_deployment_by_name("training-pipeline/retrain-on-new-data")

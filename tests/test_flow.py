@@ -13,6 +13,16 @@ from visiontune.pipelines import stages
 from visiontune.pipelines.flow import training_pipeline
 
 
+def write_params(folder, params, **sections) -> str:
+    """params.yaml in folder, with some keys of some sections changed: its path."""
+    raw = params.model_dump(by_alias=True)
+    for section, values in sections.items():
+        raw[section].update(values)
+    path = folder / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
 @pytest.fixture(scope="module")
 def harness():
     with prefect_test_harness(server_startup_timeout=120):
@@ -23,9 +33,8 @@ def test_flow_matches_the_stage_by_stage_run(trained, harness, tmp_path, monkeyp
     params, layout = trained
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    params_path = tmp_path / "params.yaml"
-    params_path.write_text(yaml.safe_dump(params.model_dump(by_alias=True)))
-    out = training_pipeline(params_path=str(params_path), root=str(tmp_path / "prepared"))
+    params_path = write_params(tmp_path, params)
+    out = training_pipeline(params_path=params_path, root=str(tmp_path / "prepared"))
 
     direct = json.loads((layout.train / "train.json").read_text())
     assert out["train"].best_val_loss == pytest.approx(direct["best_val_loss"], abs=1e-6)
@@ -48,11 +57,8 @@ def test_flow_matches_the_stage_by_stage_run(trained, harness, tmp_path, monkeyp
 def test_failed_gate_fails_the_flow_with_its_message(trained, harness, tmp_path, monkeypatch):
     params, _ = trained
     monkeypatch.chdir(tmp_path)
-    raw = params.model_dump(by_alias=True)
-    raw["validate"]["min_per_class"] = 10_000
-    params_path = tmp_path / "params.yaml"
-    params_path.write_text(yaml.safe_dump(raw))
-    state = training_pipeline(params_path=str(params_path), root=str(tmp_path / "p"), return_state=True)
+    params_path = write_params(tmp_path, params, validate={"min_per_class": 10_000})
+    state = training_pipeline(params_path=params_path, root=str(tmp_path / "p"), return_state=True)
     assert state.is_failed()
     with pytest.raises(Exception, match="min_per_class=10000"):
         state.result()
@@ -72,31 +78,28 @@ def test_a_rerun_skips_unchanged_stages_and_reruns_what_changed(trained, harness
     params, _ = trained
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    params_path = tmp_path / "params.yaml"
-    params_path.write_text(yaml.safe_dump(params.model_dump(by_alias=True)))
+    params_path = write_params(tmp_path, params)
     root = tmp_path / "prepared"
-    first = training_pipeline(params_path=str(params_path), root=str(root))
+    first = training_pipeline(params_path=params_path, root=str(root))
     assert set(first["stages"].values()) == {"Completed"}
     model = root / "train" / "model.safetensors"
     written = model.stat().st_mtime_ns
 
-    again = training_pipeline(params_path=str(params_path), root=str(root))
+    again = training_pipeline(params_path=params_path, root=str(root))
     assert set(again["stages"].values()) == {"Cached"}
     assert model.stat().st_mtime_ns == written  # not retrained
     assert again["metrics"] == first["metrics"] and again["version"] == first["version"] == "1"
 
-    changed = training_pipeline(
-        params_path=str(params_path), root=str(root), overrides={"evaluate.gallery": 2}
-    )
+    changed = training_pipeline(params_path=params_path, root=str(root), overrides={"evaluate.gallery": 2})
     ran = {name for name, state in changed["stages"].items() if state != "Cached"}
     assert ran == {"evaluate"}  # metrics.json is unchanged, so register (which reads it) is not rerun
 
     shutil.rmtree(root / "export")  # a lost output is rebuilt, whatever Prefect cached
-    rebuilt = training_pipeline(params_path=str(params_path), root=str(root))
+    rebuilt = training_pipeline(params_path=params_path, root=str(root))
     assert rebuilt["stages"]["export"] == "Completed" and (root / "export" / "model.onnx").exists()
     assert all(rebuilt["stages"][name] == "Cached" for name in ("prepare", "validate", "train"))
 
-    forced = training_pipeline(params_path=str(params_path), root=str(root), force=True)
+    forced = training_pipeline(params_path=params_path, root=str(root), force=True)
     assert set(forced["stages"].values()) == {"Completed"} and forced["version"] == "2"
 
 
@@ -104,9 +107,8 @@ def test_the_data_triggered_run_retrains_only_on_new_data(harness, tmp_path, mon
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     data = write_digits(tmp_path / "raw")
-    params_path = tmp_path / "params.yaml"
-    params_path.write_text(yaml.safe_dump(tiny_params(data).model_dump(by_alias=True)))
-    run = partial(training_pipeline, params_path=str(params_path), root="p", only_if_data_changed=True)
+    params_path = write_params(tmp_path, tiny_params(data))
+    run = partial(training_pipeline, params_path=params_path, root="p", only_if_data_changed=True)
 
     assert run()["version"] == "1"  # nothing registered yet
     skipped = run()
@@ -125,11 +127,9 @@ def test_the_data_triggered_run_retrains_only_on_new_data(harness, tmp_path, mon
 def test_a_stage_past_its_timeout_fails_the_flow(trained, harness, tmp_path, monkeypatch):
     params, _ = trained
     monkeypatch.chdir(tmp_path)
-    raw = params.model_dump(by_alias=True)
-    raw["flow"]["timeout_minutes"]["train"] = 0.001  # 60 ms: building the model alone takes longer
-    params_path = tmp_path / "params.yaml"
-    params_path.write_text(yaml.safe_dump(raw))
-    state = training_pipeline(params_path=str(params_path), root=str(tmp_path / "p"), return_state=True)
+    timeouts = {**params.flow.timeout_minutes.model_dump(by_alias=True), "train": 0.001}
+    params_path = write_params(tmp_path, params, flow={"timeout_minutes": timeouts})  # 60 ms: too short
+    state = training_pipeline(params_path=params_path, root=str(tmp_path / "p"), return_state=True)
     assert state.is_failed()
     with pytest.raises(Exception, match="(?i)timed out|timeout"):
         state.result()
@@ -142,11 +142,8 @@ def test_registry_io_is_retried_and_the_outage_named(trained, harness, tmp_path,
     params, _ = trained
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # nothing listens there
-    raw = params.model_dump(by_alias=True)
-    raw["flow"].update(retries=2, retry_delay_s=0.1)
-    params_path = tmp_path / "params.yaml"
-    params_path.write_text(yaml.safe_dump(raw))
-    state = training_pipeline(params_path=str(params_path), root=str(tmp_path / "p"), return_state=True)
+    params_path = write_params(tmp_path, params, flow={"retries": 2, "retry_delay_s": 0.1})
+    state = training_pipeline(params_path=params_path, root=str(tmp_path / "p"), return_state=True)
     assert state.is_failed()
     with pytest.raises(Exception, match="127.0.0.1:9.*make mlflow-server"):
         state.result()

@@ -8,8 +8,6 @@ finish Completed, and the model version is in the registry.
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 import sys
 import time
 import urllib.request
@@ -18,9 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import _free_port, _start_group, _stop_group, tiny_params, write_digits
+from conftest import _free_port, _start_group, _stop_group, deploy_prefect_yaml, tiny_params, write_digits
 
-REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow
 
@@ -73,14 +70,8 @@ def test_two_workers_run_a_deployment_one_run_at_a_time(prefect_server, tmp_path
     project = tmp_path
     data = write_digits(project / "raw")
     (project / "params.yaml").write_text(yaml.safe_dump(tiny_params(data).model_dump(by_alias=True)))
-    shutil.copy(REPO / "prefect.yaml", project / "prefect.yaml")
+    deploy_prefect_yaml(project, env)
     prefect = str(BIN / "prefect")
-    for args in (
-        ["work-pool", "create", "visiontune", "--type", "process"],
-        ["--no-prompt", "deploy", "--all"],
-    ):
-        done = subprocess.run([prefect, *args], cwd=project, env=env, capture_output=True, text=True)
-        assert done.returncode == 0, done.stdout + done.stderr
 
     workers = [
         _start_group(
