@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import time
 from functools import partial
 
 import pytest
@@ -125,12 +126,24 @@ def test_the_data_triggered_run_retrains_only_on_new_data(harness, tmp_path, mon
 
 
 def test_a_stage_past_its_timeout_fails_the_flow(trained, harness, tmp_path, monkeypatch):
+    """flow.timeout_minutes.<stage> reaches the task: a train stage that overruns fails the flow.
+
+    The overrunning stage is a plain sleep loop: Prefect stops a sync task with SIGALRM, which a
+    real training run can swallow when the signal lands in a garbage-collector callback.
+    """
     params, _ = trained
     monkeypatch.chdir(tmp_path)
-    timeouts = {**params.flow.timeout_minutes.model_dump(by_alias=True), "train": 0.001}
-    params_path = write_params(tmp_path, params, flow={"timeout_minutes": timeouts})  # 60 ms: too short
+
+    def overrunning_train(params, layout, resume="auto"):
+        for _ in range(6000):  # 60 s, if nothing stopped it
+            time.sleep(0.01)
+
+    monkeypatch.setitem(stages.STAGES, "train", overrunning_train)
+    timeouts = {**params.flow.timeout_minutes.model_dump(by_alias=True), "train": 0.01}  # 0.6 s
+    params_path = write_params(tmp_path, params, flow={"timeout_minutes": timeouts})
+    started = time.monotonic()
     state = training_pipeline(params_path=params_path, root=str(tmp_path / "p"), return_state=True)
-    assert state.is_failed()
+    assert state.is_failed() and time.monotonic() - started < 45
     with pytest.raises(Exception, match="(?i)timed out|timeout"):
         state.result()
     assert (tmp_path / "p" / "validate" / "report.json").exists()  # the stages before it ran
