@@ -87,6 +87,7 @@ class TrainConfig(Section):
     color_jitter: float = Field(0.1, ge=0, le=1)  # brightness/contrast/saturation strength
     mixup: float = Field(0.0, ge=0)  # Beta(alpha, alpha) mixup; 0 = off
     randaugment: int = Field(0, ge=0)  # RandAugment operations per image (magnitude 9); 0 = off
+    probe_levels: int = Field(3, ge=0)  # linear: also read the last N stages/blocks; 0 = final features only
     lora: LoraConfig = LoraConfig()
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     bf16: bool = True  # autocast to bfloat16 on CUDA (ignored on CPU)
@@ -110,7 +111,7 @@ class EvaluateConfig(Section):
 
 class ExportConfig(Section):
     opset: int = Field(17, ge=17)
-    atol: float = Field(1e-4, gt=0)  # max abs logit difference, onnxruntime vs torch
+    atol: float = Field(1e-4, gt=0)  # max abs logit difference (ORT vs torch) per unit of the largest logit
     quantize: Literal["none", "int8", "fp16"] = "none"  # an extra, smaller model beside the fp32 one
     max_accuracy_drop: float = Field(0.01, ge=0, le=1)  # test accuracy the quantized model may lose
     calibration_images: int = Field(200, ge=1)  # train images that calibrate int8 activations

@@ -41,6 +41,8 @@ class Context:
 
     def sum(self, values: list[float] | np.ndarray, device: torch.device) -> np.ndarray:
         """Element-wise sum over all ranks (float64)."""
+        if self.world == 1:  # no collective; also spares devices without float64 (MPS)
+            return np.asarray(values, dtype=np.float64)
         tensor = torch.as_tensor(np.asarray(values, dtype=np.float64), device=device)
         if self.world > 1:
             dist.all_reduce(tensor)

@@ -164,8 +164,9 @@ def standardize_tensor(x, mean: Sequence[float], std: Sequence[float]):
     """(x - mean) / std per channel for a float NCHW tensor in [0, 1]."""
     import torch
 
-    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    # made on the host and sent without blocking: creating them on a GPU would wait for its queue
+    m = torch.tensor(mean, dtype=x.dtype).view(1, 3, 1, 1).to(x.device, non_blocking=True)
+    s = torch.tensor(std, dtype=x.dtype).view(1, 3, 1, 1).to(x.device, non_blocking=True)
     return (x - m) / s
 
 

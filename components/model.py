@@ -165,6 +165,85 @@ def freeze_backbone(model: nn.Module) -> list[nn.Module]:
     return _freeze_params(model, lambda name, p: id(p) not in head)
 
 
+class LevelProbe(nn.Module):
+    """A linear probe over several depths of a frozen backbone.
+
+    Reads the global-average-pooled outputs of the last `levels` feature stages (CNN stages, ViT
+    blocks) beside the final pooled features, standardizes each feature with train-set statistics,
+    scales every block to the same weight and applies one linear layer. Mid-level features transfer
+    where the final ones are specialized to the pretraining classes (Head2Toe, Evci et al. 2022);
+    standardizing before the linear layer is MAE's probe (He et al. 2022). With fixed statistics the
+    whole model is affine after the backbone, exports to ONNX as one graph, and trains the same in
+    one process or many.
+    """
+
+    def __init__(self, backbone: nn.Module, levels: int, num_classes: int, size: int):
+        super().__init__()
+        if not hasattr(backbone, "forward_intermediates"):
+            raise VisiontuneError(
+                f"train.probe_levels: {type(backbone).__name__} has no forward_intermediates in timm; "
+                "set train.probe_levels: 0 to probe its final features only"
+            )
+        backbone.reset_classifier(0)
+        self.backbone = backbone
+        self.levels = levels
+        try:
+            with torch.no_grad():
+                dims = [f.shape[1] for f in self._blocks(torch.zeros(1, 3, size, size), backbone.eval())]
+        except (AssertionError, IndexError, ValueError) as exc:  # timm: "last-n (6) is out of range (1 to 5)"
+            raise VisiontuneError(
+                f"train.probe_levels: {levels} is more than {type(backbone).__name__} has ({exc}); lower it"
+            ) from exc
+        self.dims = dims
+        width = sum(dims)
+        self.register_buffer("mean", torch.zeros(width))
+        self.register_buffer("inv_std", torch.ones(width))
+        # standardized units have variance 1 on average, and every block the same share of it
+        scale = [torch.full((d,), (width / (d * len(dims))) ** 0.5) for d in dims]
+        self.register_buffer("block_scale", torch.cat(scale))
+        self.fc = nn.Linear(width, num_classes)
+
+    def _blocks(self, x: torch.Tensor, backbone: nn.Module | None = None) -> list[torch.Tensor]:
+        backbone = backbone or self.backbone
+        final, stages = backbone.forward_intermediates(x, indices=self.levels)
+        pooled = backbone.forward_head(final, pre_logits=True).float()
+        return [f.float().mean((2, 3)) for f in stages] + [pooled]
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled features of every level, concatenated, before standardization."""
+        return torch.cat(self._blocks(x), dim=1)
+
+    def standardize(self, count: float, total: np.ndarray, squares: np.ndarray) -> None:
+        """Fix the feature statistics from sums over the train split (count, Σx, Σx²)."""
+        mean = total / count
+        std = np.sqrt(np.maximum(squares / count - mean**2, 0.0))
+        start = 0
+        for d in self.dims:  # a floor of 1/10 of the block's mean: rarely active units are not blown up
+            block = std[start : start + d]
+            block[:] = np.maximum(block, 0.1 * block.mean() + 1e-6)
+            start += d
+        self.mean.copy_(torch.from_numpy(mean))
+        self.inv_std.copy_(torch.from_numpy(1.0 / std))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc((self.features(x) - self.mean) * self.inv_std * self.block_scale)
+
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+
+def linear_probe(
+    model: nn.Module, levels: int, num_classes: int, size: int
+) -> tuple[nn.Module, list[nn.Module]]:
+    """train.method linear: the backbone frozen (in eval mode throughout) and a new head trained,
+    on the final features (levels 0) or on those of several depths (LevelProbe)."""
+    if levels == 0:
+        return model, freeze_backbone(model)
+    probe = LevelProbe(model, levels, num_classes, size)
+    probe.backbone.requires_grad_(False)
+    return probe, [probe.backbone]
+
+
 def lora_targets(model: nn.Module, cfg: LoraConfig) -> list[str]:
     """Module names LoRA adapts: given names, else ViT attention (± MLP), else 1×1 convs and linears."""
     head = {id(m) for m in model.get_classifier().modules()}
@@ -251,7 +330,10 @@ def load_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any]]:
     meta = json.loads((path / META_FILE).read_text())
     name = meta["architecture"]
     size_kwargs = _size_kwargs(name, meta["preprocessing"]["size"])
-    model = timm.create_model(name, pretrained=False, num_classes=len(meta["class_names"]), **size_kwargs)
+    n_classes = len(meta["class_names"])
+    model = timm.create_model(name, pretrained=False, num_classes=n_classes, **size_kwargs)
+    if meta.get("probe_levels"):
+        model = LevelProbe(model, meta["probe_levels"], n_classes, meta["preprocessing"]["size"])
     model.load_state_dict(load_file(path / WEIGHTS_FILE))
     return model.eval(), meta
 

@@ -14,7 +14,8 @@ import math
 import random
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -107,11 +108,12 @@ def augment(
     sx, cx, h, cy = sx[pick], cx[pick], h[pick], cy[pick]
     theta = torch.zeros(x.shape[0], 2, 3)
     theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = sx, cx, h, cy
-    grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
+    # non_blocking: a blocking host-to-GPU copy would wait for the whole GPU queue every batch
+    grid = F.affine_grid(theta.to(x.device, x.dtype, non_blocking=True), list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     if jitter > 0:
         factors = 1 + jitter * (2 * torch.rand(3, n, 1, 1, 1, generator=gen) - 1)
-        factors = factors[:, pick].to(x.device, x.dtype)
+        factors = factors[:, pick].to(x.device, x.dtype, non_blocking=True)
         x = x * factors[0]  # brightness
         mean = x.mean(dim=(1, 2, 3), keepdim=True)
         x = (x - mean) * factors[1] + mean  # contrast
@@ -186,6 +188,37 @@ def _evaluate(model, pixels, rows, y, prep, device, batch_size, autocast, n_clas
     return np.concatenate([[loss], confusion.ravel()])
 
 
+def read_ahead(pixels: np.ndarray, row_batches: Sequence[np.ndarray], pin: bool) -> Iterator[torch.Tensor]:
+    """uint8 NHWC batches from the decoded store, each read by a helper thread while the one
+    before it trains; pinned (for an asynchronous copy) when the model is on a GPU."""
+
+    def read(rows: np.ndarray) -> torch.Tensor:
+        batch = torch.from_numpy(pixels[rows])
+        return batch.pin_memory() if pin else batch
+
+    with ThreadPoolExecutor(1, thread_name_prefix="read-ahead") as pool:
+        ahead = pool.submit(read, row_batches[0]) if len(row_batches) else None
+        for i in range(len(row_batches)):
+            batch = ahead.result()
+            if i + 1 < len(row_batches):
+                ahead = pool.submit(read, row_batches[i + 1])
+            yield batch
+
+
+@torch.no_grad()
+def _probe_sums(probe, pixels, rows, prep, device, batch_size, autocast) -> np.ndarray:
+    """[count, Σx…, Σx²…] of a LevelProbe's features over these (un-augmented) images."""
+    probe.eval()
+    width = probe.mean.numel()
+    sums = np.zeros(1 + 2 * width)
+    for i in range(0, len(rows), batch_size):
+        batch = torch.from_numpy(pixels[rows[i : i + batch_size]]).to(device)
+        with autocast():
+            f = probe.features(images.normalize_tensor(batch, prep.mean, prep.std)).float().cpu().double()
+        sums += np.concatenate([[len(f)], f.sum(0).numpy(), (f * f).sum(0).numpy()])
+    return sums
+
+
 def _val_metrics(sums: np.ndarray, n_classes: int) -> tuple[float, float, float]:
     """(val loss, accuracy, macro F1 over the classes seen in labels or predictions)."""
     confusion = sums[1:].reshape(n_classes, n_classes)
@@ -247,7 +280,7 @@ def _build(cfg: TrainConfig, model_cfg: ModelConfig, n_classes: int):
     model, prep = models.create(model_cfg, num_classes=n_classes)
     frozen: list[torch.nn.Module] = []
     if cfg.method == "linear":
-        frozen = models.freeze_backbone(model)
+        model, frozen = models.linear_probe(model, cfg.probe_levels, n_classes, prep.size)
     elif cfg.method == "lora":
         model = models.apply_lora(model, cfg.lora)
     elif cfg.freeze:
@@ -349,6 +382,10 @@ def _train(ctx, rank_device, cfg, model_cfg, base, prepared, out, store, resume,
     elif resume == "must":
         raise VisiontuneError(f"{resume_dir}: no saved state of this run to resume; run without --resume")
     resumed_from = start_epoch - 1
+    if isinstance(model, models.LevelProbe) and not resumed_from:  # resumed: the statistics were saved
+        sums = ctx.sum(_probe_sums(model, pixels, ctx.shard(x_train), prep, device, micro, autocast), device)
+        width = model.mean.numel()
+        model.standardize(sums[0], sums[1 : 1 + width], sums[1 + width :])
     ddp = model
     if ctx.world > 1:  # after resuming: every rank starts from the same state
         from torch.nn.parallel import DistributedDataParallel
@@ -363,7 +400,8 @@ def _train(ctx, rank_device, cfg, model_cfg, base, prepared, out, store, resume,
         model.train()
         for module in frozen:
             module.eval()
-        t0, seen, loss_sum = time.perf_counter(), 0, 0.0
+        t0, seen, loss_sum = time.perf_counter(), 0, torch.zeros((), device=device)
+        shown = t0
         order = epoch_order(y_train, gen, cfg.imbalance == "sampler")
         bar = tqdm(
             total=n,
@@ -375,11 +413,12 @@ def _train(ctx, rank_device, cfg, model_cfg, base, prepared, out, store, resume,
         )
         optimizer.zero_grad(set_to_none=True)
         batches = [order[i : i + micro] for i in range(0, n, micro)]
-        for b, idx in enumerate(batches):
+        shares = [ctx.shard(idx) for idx in batches]  # this rank's share of each global batch
+        reads = read_ahead(pixels, [x_train[mine] for mine in shares], pin=device.type == "cuda")
+        for b, (idx, mine, host) in enumerate(zip(batches, shares, reads, strict=True)):
             if len(idx) < 2 * ctx.world:  # batch norm cannot train on a single image
                 continue
-            mine = ctx.shard(idx)  # this rank's share of the global batch
-            batch = torch.from_numpy(pixels[x_train[mine]]).to(device, non_blocking=True)
+            batch = host.to(device, non_blocking=True)
             if randaugment is not None:  # per image on uint8 NCHW, then back to NHWC
                 chw = batch.permute(0, 3, 1, 2)
                 batch = torch.stack([randaugment(img) for img in chw]).permute(0, 2, 3, 1)
@@ -388,14 +427,14 @@ def _train(ctx, rank_device, cfg, model_cfg, base, prepared, out, store, resume,
             x = images.standardize_tensor(x, prep.mean, prep.std)
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            y = torch.from_numpy(y_train[mine]).to(device)
+            y = torch.from_numpy(y_train[mine]).to(device, non_blocking=True)
             with autocast():
                 if cfg.mixup > 0:
                     lam = float(torch.distributions.Beta(cfg.mixup, cfg.mixup).sample())
                     perm = torch.randperm(len(idx), generator=gen)  # drawn alike on every rank
                     if ctx.world > 1:  # pairs within this rank's share
                         perm = torch.argsort(perm[ctx.rank :: ctx.world])
-                    perm = perm.to(device)
+                    perm = perm.to(device, non_blocking=True)
                     logits = forward(lam * x + (1 - lam) * x[perm])
                     loss = lam * F.cross_entropy(
                         logits, y, weight=loss_weights, label_smoothing=cfg.label_smoothing
@@ -423,11 +462,13 @@ def _train(ctx, rank_device, cfg, model_cfg, base, prepared, out, store, resume,
                 step += 1
             seen += len(mine)
             # recorded without smoothing or weights, so that it compares with val loss
-            loss_sum += F.cross_entropy(logits.detach().float(), y, reduction="sum").item()
+            loss_sum += F.cross_entropy(logits.detach().float(), y, reduction="sum")  # on the device: no sync
             bar.update(len(idx))
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            if time.perf_counter() - shown >= 1.0:  # reading the loss waits for the GPU: once a second
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+                shown = time.perf_counter()
         bar.close()
-        seen, loss_sum = ctx.sum([seen, loss_sum], device)  # every rank's images
+        seen, loss_sum = ctx.sum([seen, float(loss_sum)], device)  # every rank's images
         train_seconds = time.perf_counter() - t0
         scorer = forward if ctx.world == 1 else model  # each rank scores its share of val, no DDP hooks
         sums = _evaluate(
@@ -488,6 +529,8 @@ def _train(ctx, rank_device, cfg, model_cfg, base, prepared, out, store, resume,
     config = {"model": model_cfg.model_dump(), "train": cfg.model_dump(), "seed": base.seed}
     meta = models.checkpoint_meta(model_cfg.name, class_names, prep, config)
     meta["best_epoch"] = best["epoch"]
+    if isinstance(model, models.LevelProbe):
+        meta["probe_levels"] = model.levels
     models.save_checkpoint(model.to("cpu", memory_format=torch.contiguous_format), out, meta)
     with open(out / "history.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=HISTORY_FIELDS)

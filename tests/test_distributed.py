@@ -23,7 +23,7 @@ from conftest import tiny_params, write_digits
 from visiontune.pipelines import stages
 
 BIN = Path(sys.executable).parent
-TOLERANCE = 1e-4  # max abs weight difference, 1 vs 2 processes, after the same steps
+TOLERANCE = 1e-4  # max weight difference, 1 vs 2 processes, after the same steps (relative above 1)
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +52,12 @@ def _train(prepared, tmp_path: Path, nproc: int, **train) -> tuple[dict, dict]:
 
 
 def _max_diff(a: dict, b: dict) -> float:
+    """Max abs difference, relative for values above 1 (the linear probe's feature statistics
+    reach hundreds, and float32 sums over 4 or 8 images differ in their last bits)."""
     assert a.keys() == b.keys()
-    return max(float(np.abs(a[k].astype(np.float64) - b[k]).max()) for k in a)
+    return max(
+        float((np.abs(a[k].astype(np.float64) - b[k]) / np.maximum(1.0, np.abs(a[k]))).max()) for k in a
+    )
 
 
 def test_two_processes_take_the_same_steps_as_one(prepared, tmp_path):

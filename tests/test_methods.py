@@ -61,21 +61,59 @@ def test_vit_lora_targets_attention_and_optionally_mlp():
     assert all(n.endswith("qkv") for n in named)
 
 
-def test_linear_probe_trains_only_the_head_and_keeps_norm_statistics():
-    cfg = TrainConfig(method="linear")
+@pytest.mark.parametrize("levels", [0, 3])
+def test_linear_probe_trains_only_the_head_and_keeps_norm_statistics(levels):
+    cfg = TrainConfig(method="linear", probe_levels=levels)
     model, _, frozen = _build(cfg, ModelConfig(image_size=32), 3)
     before = _snapshot(model)
     model.train()
     for module in frozen:
         module.eval()
     _step(model)
-    head = {k for k in before if k.startswith("classifier.")}
+    head = {k for k in before if k.startswith("classifier." if levels == 0 else "fc.")}
+    assert head
     changed = {
         k
         for k, v in model.state_dict().items()
         if v.dtype.is_floating_point and not torch.equal(v, before[k])
     }
-    assert changed == head
+    assert changed == head  # no weight, norm statistic or feature statistic moved
+
+
+def test_level_probe_standardizes_each_level_on_the_train_features():
+    torch.manual_seed(0)
+    model, _ = models.create(ModelConfig(image_size=32), num_classes=3)
+    probe, _ = models.linear_probe(model, 3, 3, 32)
+    assert probe.dims == [40, 112, 320, 1280]  # Lite0's last three stages, then its pooled head input
+    probe.eval()
+    with torch.no_grad():
+        f = probe.features(torch.randn(64, 3, 32, 32)).double()
+        probe.standardize(len(f), f.sum(0).numpy(), (f * f).sum(0).numpy())
+        z = (f - probe.mean.double()) * probe.inv_std.double()
+    assert z.mean(0).abs().max() < 1e-3
+    raw, std = f.std(0, unbiased=False), z.std(0, unbiased=False)
+    assert std.max() < 1 + 1e-3
+    start = 0
+    for d in probe.dims:  # unit variance, except units far quieter than their level: floored, not blown up
+        level_raw, level_std = raw[start : start + d], std[start : start + d]
+        loud = level_raw > 0.1 * level_raw.mean() + 1e-5
+        assert loud.any() and torch.allclose(level_std[loud], torch.ones_like(level_std[loud]), atol=1e-3)
+        assert (level_std[~loud] < 1).all()
+        start += d
+    # every level carries the same share of the standardized variance
+    shares = [
+        (probe.block_scale[a : a + d] ** 2).sum().item()
+        for a, d in zip([0, 40, 152, 472], probe.dims, strict=True)
+    ]
+    assert shares == pytest.approx([sum(shares) / 4] * 4)
+
+
+def test_probe_levels_beyond_the_model_is_a_clear_error():
+    from visiontune.components.errors import VisiontuneError
+
+    model, _ = models.create(ModelConfig(image_size=32), num_classes=3)
+    with pytest.raises(VisiontuneError, match="train.probe_levels: 9"):
+        models.linear_probe(model, 9, 3, 32)
 
 
 @pytest.mark.parametrize("name", ["tf_efficientnet_lite0", "resnet18", "vit_tiny_patch16_224"])
@@ -116,6 +154,8 @@ def test_methods_train_end_to_end_and_export_plain_checkpoints(tmp_path, method)
     assert result.method == method and result.trainable_percent < 6
     model, meta = models.load_checkpoint(layout.train)  # a plain timm model: LoRA merged
     assert meta["config"]["train"]["method"] == method
+    if method == "linear":  # the multi-level probe rebuilds from its checkpoint alone
+        assert meta["probe_levels"] == 3 and isinstance(model, models.LevelProbe)
     if method == "lora":
         adapter = layout.train / "adapter" / "adapter_model.safetensors"
         assert adapter.stat().st_size < (layout.train / "model.safetensors").stat().st_size / 10

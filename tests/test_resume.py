@@ -76,3 +76,36 @@ def test_resume_flag_without_state_is_an_error_and_fresh_starts_over(project):
     assert missing.returncode == 1 and "no saved state of this run to resume" in missing.stderr
     fresh = _train(tmp_path, layout.root, "--fresh")
     assert fresh.returncode == 0 and "resuming" not in fresh.stdout
+
+
+def test_linear_probe_resumes_with_its_feature_statistics(tmp_path):
+    """The multi-level probe's standardization is fixed before epoch 1 and travels in the resume
+    state: a run stopped after epoch 1 and resumed ends with the uninterrupted run's weights."""
+    import torch
+    from safetensors.torch import load_file
+
+    from visiontune.components.train import train
+
+    data = write_digits(tmp_path / "raw", classes=(0, 1, 2), per_class=12)
+    params = tiny_params(data, train={"method": "linear", "epochs": 3, "patience": 10})
+    layout = stages.Layout(tmp_path / "prep")
+    stages.prepare(params, layout)
+    args = (params.train, params.model, params.base, layout.prepare)
+
+    whole = train(*args, tmp_path / "whole", tmp_path / "cache")
+
+    def crash(epoch, model):
+        if epoch == 1:
+            raise KeyboardInterrupt  # after epoch 1's state was kept, as a kill would leave it
+
+    with pytest.raises(KeyboardInterrupt):
+        train(*args, tmp_path / "resumed", tmp_path / "cache", on_epoch_end=crash)
+    resumed = train(*args, tmp_path / "resumed", tmp_path / "cache", resume="must")
+    assert resumed.resumed_from_epoch == 1 and whole.epochs_run == resumed.epochs_run == 3
+    a, b = (
+        load_file(tmp_path / "whole" / "model.safetensors"),
+        load_file(tmp_path / "resumed" / "model.safetensors"),
+    )
+    assert a.keys() == b.keys() and {"mean", "inv_std", "fc.weight"} <= a.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-5, msg=key)

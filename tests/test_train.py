@@ -7,7 +7,7 @@ import torch
 
 from conftest import tiny_params
 from visiontune.components import model as models
-from visiontune.components.train import augment, lr_factor, param_groups
+from visiontune.components.train import augment, lr_factor, param_groups, read_ahead
 
 
 def test_tiny_run_writes_checkpoint_history_and_result(trained):
@@ -77,3 +77,14 @@ def test_param_groups_split_head_backbone_and_decay():
         assert g["lr"] == (1e-2 if is_head else 1e-3)
         assert g["weight_decay"] == (0.0 if g["params"][0].ndim <= 1 else 0.05)
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def test_read_ahead_yields_each_batch_of_the_store_in_order():
+    import numpy as np
+
+    pixels = np.random.default_rng(0).integers(0, 256, (20, 4, 4, 3), dtype=np.uint8)
+    rows = [np.array([3, 1, 7]), np.array([0]), np.array([19, 2, 5, 11])]
+    got = list(read_ahead(pixels, rows, pin=False))
+    assert [b.dtype for b in got] == [torch.uint8] * 3
+    assert all(np.array_equal(b.numpy(), pixels[r]) for b, r in zip(got, rows, strict=True))
+    assert list(read_ahead(pixels, [], pin=False)) == []
