@@ -177,15 +177,20 @@ def epoch_order(labels: np.ndarray, gen: torch.Generator, balanced: bool) -> np.
 def _evaluate(model, pixels, rows, y, prep, device, batch_size, autocast, n_classes) -> np.ndarray:
     """[loss sum, confusion counts...] over these rows: sums, so that ranks can add theirs up."""
     model.eval()
-    loss, confusion = 0.0, np.zeros((n_classes, n_classes), dtype=np.float64)
-    for i in range(0, len(y), batch_size):
-        batch = torch.from_numpy(pixels[rows[i : i + batch_size]]).to(device)
+    loss, predicted = torch.zeros((), device=device), []  # kept on the device: one read at the end
+    starts = range(0, len(y), batch_size)
+    reads = read_ahead(pixels, [rows[i : i + batch_size] for i in starts], pin=device.type == "cuda")
+    for i, host in zip(starts, reads, strict=True):
+        batch = host.to(device, non_blocking=True)
         with autocast():
             logits = model(images.normalize_tensor(batch, prep.mean, prep.std)).float()
-        target = torch.from_numpy(y[i : i + batch_size]).to(device)
-        loss += F.cross_entropy(logits, target, reduction="sum").item()
-        np.add.at(confusion, (y[i : i + batch_size], logits.argmax(1).cpu().numpy()), 1)
-    return np.concatenate([[loss], confusion.ravel()])
+        target = torch.from_numpy(y[i : i + batch_size]).to(device, non_blocking=True)
+        loss += F.cross_entropy(logits, target, reduction="sum")
+        predicted.append(logits.argmax(1))
+    confusion = np.zeros((n_classes, n_classes), dtype=np.float64)
+    if predicted:
+        np.add.at(confusion, (y, torch.cat(predicted).cpu().numpy()), 1)
+    return np.concatenate([[float(loss)], confusion.ravel()])
 
 
 def read_ahead(pixels: np.ndarray, row_batches: Sequence[np.ndarray], pin: bool) -> Iterator[torch.Tensor]:
