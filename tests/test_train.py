@@ -3,6 +3,7 @@
 import csv
 import json
 
+import pytest
 import torch
 
 from conftest import tiny_params
@@ -88,3 +89,44 @@ def test_read_ahead_yields_each_batch_of_the_store_in_order():
     assert [b.dtype for b in got] == [torch.uint8] * 3
     assert all(np.array_equal(b.numpy(), pixels[r]) for b, r in zip(got, rows, strict=True))
     assert list(read_ahead(pixels, [], pin=False)) == []
+
+
+def _train_tiny(tmp_path, name: str, seed: int = 0, **train_opts):
+    """Prepare (seed 0: the same split every time) and train 2 epochs with this training seed."""
+    from conftest import write_digits
+    from visiontune.pipelines import stages
+
+    data = tmp_path / "raw"
+    if not data.exists():
+        write_digits(data, classes=(0, 1, 2), per_class=12)
+    params = tiny_params(data, train={"epochs": 2, **train_opts})
+    layout = stages.Layout(tmp_path / name)
+    stages.prepare(params, layout)
+    params = params.model_copy(update={"base": params.base.model_copy(update={"seed": seed})})
+    return params, layout, stages.train(params, layout)
+
+
+def test_same_seed_same_weights_and_another_seed_differs(tmp_path):
+    """What `dvc repro` promises: the same data, params and seed give the same model, bit for bit."""
+    from safetensors.torch import load_file
+
+    weights = {}
+    try:
+        for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+            _, layout, _ = _train_tiny(tmp_path, name, seed, deterministic=True)
+            weights[name] = load_file(layout.train / "model.safetensors")
+    finally:  # the mode is process-wide; later tests in this process run without it
+        torch.use_deterministic_algorithms(False)
+    assert all(torch.equal(weights["a"][k], weights["b"][k]) for k in weights["a"])
+    assert not all(torch.equal(weights["a"][k], weights["c"][k]) for k in weights["a"])
+
+
+@pytest.mark.slow
+def test_compiled_training_writes_a_plain_checkpoint_that_exports(tmp_path):
+    from visiontune.pipelines import stages
+
+    params, layout, result = _train_tiny(tmp_path, "compiled", compile=True)
+    assert result.epochs_run == 2
+    model, _ = models.load_checkpoint(layout.train)  # no torch.compile wrapper names in the keys
+    assert not any("_orig_mod" in k for k in model.state_dict())
+    assert stages.export(params, layout).top1_agreement == 1.0
