@@ -14,9 +14,10 @@ tf_efficientnet_lite0) at 224 px in bf16:
 Models start from random weights (the figures do not depend on them, and no hub is needed).
 `--smoke` runs a tiny version on whatever device there is, to check the script itself.
 
-On a machine without mlflow, prefect, pydantic, pandera or imagehash, carry their wheels (the
-components import no orchestration) and install visiontune without dependencies:
-`pip install --no-deps --no-build-isolation -e .`.
+The components import no orchestration. On a machine with torch, timm, peft, scikit-learn,
+scikit-image and pandas but nothing else of visiontune's, carry wheels (Python 3.12, manylinux) of
+pydantic, pydantic-core, annotated-types, typing-inspection, pandera, typeguard, ImageHash and
+PyWavelets, install them, then `pip install --no-deps --no-build-isolation -e .` and run this.
 """
 
 from __future__ import annotations
