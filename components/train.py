@@ -216,8 +216,9 @@ def _probe_sums(probe, pixels, rows, prep, device, batch_size, autocast) -> np.n
     probe.eval()
     width = probe.mean.numel()
     sums = np.zeros(1 + 2 * width)
-    for i in range(0, len(rows), batch_size):
-        batch = torch.from_numpy(pixels[rows[i : i + batch_size]]).to(device)
+    starts = range(0, len(rows), batch_size)
+    for host in read_ahead(pixels, [rows[i : i + batch_size] for i in starts], pin=device.type == "cuda"):
+        batch = host.to(device, non_blocking=True)
         with autocast():
             f = probe.features(images.normalize_tensor(batch, prep.mean, prep.std)).float().cpu().double()
         sums += np.concatenate([[len(f)], f.sum(0).numpy(), (f * f).sum(0).numpy()])
