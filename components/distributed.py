@@ -44,8 +44,7 @@ class Context:
         if self.world == 1:  # no collective; also spares devices without float64 (MPS)
             return np.asarray(values, dtype=np.float64)
         tensor = torch.as_tensor(np.asarray(values, dtype=np.float64), device=device)
-        if self.world > 1:
-            dist.all_reduce(tensor)
+        dist.all_reduce(tensor)
         return tensor.cpu().numpy()
 
     def decide(self, flag: bool, device: torch.device) -> bool:

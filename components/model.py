@@ -185,11 +185,11 @@ class LevelProbe(nn.Module):
                 "set train.probe_levels: 0 to probe its final features only"
             )
         backbone.reset_classifier(0)
-        self.backbone = backbone
+        self.backbone = backbone.eval()
         self.levels = levels
         try:
             with torch.no_grad():
-                dims = [f.shape[1] for f in self._blocks(torch.zeros(1, 3, size, size), backbone.eval())]
+                dims = [f.shape[1] for f in self._blocks(torch.zeros(1, 3, size, size))]
         except (AssertionError, IndexError, ValueError) as exc:  # timm: "last-n (6) is out of range (1 to 5)"
             raise VisiontuneError(
                 f"train.probe_levels: {levels} is more than {type(backbone).__name__} has ({exc}); lower it"
@@ -203,10 +203,9 @@ class LevelProbe(nn.Module):
         self.register_buffer("block_scale", torch.cat(scale))
         self.fc = nn.Linear(width, num_classes)
 
-    def _blocks(self, x: torch.Tensor, backbone: nn.Module | None = None) -> list[torch.Tensor]:
-        backbone = backbone or self.backbone
-        final, stages = backbone.forward_intermediates(x, indices=self.levels)
-        pooled = backbone.forward_head(final, pre_logits=True).float()
+    def _blocks(self, x: torch.Tensor) -> list[torch.Tensor]:
+        final, stages = self.backbone.forward_intermediates(x, indices=self.levels)
+        pooled = self.backbone.forward_head(final, pre_logits=True).float()
         return [f.float().mean((2, 3)) for f in stages] + [pooled]
 
     def features(self, x: torch.Tensor) -> torch.Tensor:

@@ -173,18 +173,23 @@ def epoch_order(labels: np.ndarray, gen: torch.Generator, balanced: bool) -> np.
     return torch.multinomial(torch.tensor(per_image), n, replacement=True, generator=gen).numpy()
 
 
+def _plain_batches(pixels, rows, prep, device, batch_size) -> Iterator[tuple[slice, torch.Tensor]]:
+    """(slice of rows, normalized un-augmented batch on the device), in order, read ahead."""
+    spans = [slice(i, i + batch_size) for i in range(0, len(rows), batch_size)]
+    reads = read_ahead(pixels, [rows[s] for s in spans], pin=device.type == "cuda")
+    for span, host in zip(spans, reads, strict=True):
+        yield span, images.normalize_tensor(host.to(device, non_blocking=True), prep.mean, prep.std)
+
+
 @torch.no_grad()
 def _evaluate(model, pixels, rows, y, prep, device, batch_size, autocast, n_classes) -> np.ndarray:
     """[loss sum, confusion counts...] over these rows: sums, so that ranks can add theirs up."""
     model.eval()
     loss, predicted = torch.zeros((), device=device), []  # kept on the device: one read at the end
-    starts = range(0, len(y), batch_size)
-    reads = read_ahead(pixels, [rows[i : i + batch_size] for i in starts], pin=device.type == "cuda")
-    for i, host in zip(starts, reads, strict=True):
-        batch = host.to(device, non_blocking=True)
+    for span, x in _plain_batches(pixels, rows, prep, device, batch_size):
         with autocast():
-            logits = model(images.normalize_tensor(batch, prep.mean, prep.std)).float()
-        target = torch.from_numpy(y[i : i + batch_size]).to(device, non_blocking=True)
+            logits = model(x).float()
+        target = torch.from_numpy(y[span]).to(device, non_blocking=True)
         loss += F.cross_entropy(logits, target, reduction="sum")
         predicted.append(logits.argmax(1))
     confusion = np.zeros((n_classes, n_classes), dtype=np.float64)
@@ -216,11 +221,9 @@ def _probe_sums(probe, pixels, rows, prep, device, batch_size, autocast) -> np.n
     probe.eval()
     width = probe.mean.numel()
     sums = np.zeros(1 + 2 * width)
-    starts = range(0, len(rows), batch_size)
-    for host in read_ahead(pixels, [rows[i : i + batch_size] for i in starts], pin=device.type == "cuda"):
-        batch = host.to(device, non_blocking=True)
+    for _, x in _plain_batches(pixels, rows, prep, device, batch_size):
         with autocast():
-            f = probe.features(images.normalize_tensor(batch, prep.mean, prep.std)).float().cpu().double()
+            f = probe.features(x).float().cpu().double()
         sums += np.concatenate([[len(f)], f.sum(0).numpy(), (f * f).sum(0).numpy()])
     return sums
 
