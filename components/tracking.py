@@ -159,6 +159,28 @@ def _history_metrics(history_csv: Path) -> list:
     return metrics
 
 
+UNIQUE_VIOLATION = (
+    "duplicate key value",
+    "UNIQUE constraint failed",
+    "Duplicate entry",
+)  # PostgreSQL, SQLite, MySQL
+
+
+def _log_input(dataset) -> None:
+    """mlflow.log_input, again when another run inserted the same dataset (same experiment, name and
+    digest) between the tracking server's lookup and its insert; the retry finds that row and links it."""
+    import mlflow
+
+    for attempt in range(3):
+        try:
+            mlflow.log_input(dataset, context="training")
+            return
+        except mlflow.exceptions.MlflowException as exc:
+            if attempt == 2 or not any(marker in str(exc) for marker in UNIQUE_VIOLATION):
+                raise
+            time.sleep(0.2 * (attempt + 1))
+
+
 def register(cfg: RegisterConfig, candidate: Candidate, out: Path) -> RegisterResult:
     """Log the candidate as one MLflow run and register its ONNX model with alias cfg.alias."""
     import mlflow
@@ -213,7 +235,7 @@ def register(cfg: RegisterConfig, candidate: Candidate, out: Path) -> RegisterRe
         dataset = mlflow.data.from_pandas(
             pd.read_csv(manifest_csv, dtype=str), source=str(manifest_csv), name="manifest"
         )
-        mlflow.log_input(dataset, context="training")
+        _log_input(dataset)
         history = _history_metrics(candidate.checkpoint / "history.csv")
         for i in range(0, len(history), 900):  # one request per 900 values, not one per value
             client.log_batch(run_id, metrics=history[i : i + 900])
