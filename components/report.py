@@ -58,7 +58,19 @@ def validation_markdown(report: dict, max_rows: int = 50) -> str:
             for leak in report["leakage"][:max_rows]
         ]
 
-    audit = report["label_audit"]
+    lines += _audit_markdown(report["label_audit"], report["label_issues"], max_rows)
+
+    lines += ["", f"## Schema errors ({len(report['schema_errors'])})", ""]
+    lines += [
+        f"- row {e['row']} `{e['path']}`: column {e['column']}: {e['check']} (value {e['value']!r})"
+        for e in report["schema_errors"][:max_rows]
+    ] or ["None."]
+    return "\n".join(lines) + "\n"
+
+
+def _audit_markdown(audit: dict, issues: list[dict], max_rows: int) -> list[str]:
+    """The label-audit section of the validation report."""
+    lines: list[str] = []
     lines += ["", "## Label audit (cleanlab)", ""]
     if audit["status"] != "ran":
         lines.append(f"Not run: {audit.get('reason') or 'validate.label_audit is off'}.")
@@ -72,11 +84,11 @@ def validation_markdown(report: dict, max_rows: int = 50) -> str:
         )
         if audit.get("thumbnails"):
             lines += ["", f"![top suspects]({audit['thumbnails']})"]
-        if report["label_issues"]:
+        if issues:
             lines.append("")
             rows = [
                 [i + 1, f"`{x['path']}`", x["given_label"], x["suggested_label"], f"{x['score']:.3f}"]
-                for i, x in enumerate(report["label_issues"][:max_rows])
+                for i, x in enumerate(issues[:max_rows])
             ]
             lines += _table(["rank", "file", "given", "suggested", "score"], rows)
         if audit["confused_pairs"]:
@@ -91,13 +103,7 @@ def validation_markdown(report: dict, max_rows: int = 50) -> str:
                 "",
                 f"Not audited (fewer than {audit['folds']} images): {', '.join(audit['not_audited'])}.",
             ]
-
-    lines += ["", f"## Schema errors ({len(report['schema_errors'])})", ""]
-    lines += [
-        f"- row {e['row']} `{e['path']}`: column {e['column']}: {e['check']} (value {e['value']!r})"
-        for e in report["schema_errors"][:max_rows]
-    ] or ["None."]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def _img(path) -> str:

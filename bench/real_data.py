@@ -1,0 +1,98 @@
+"""Real image datasets available offline, written as image folders <root>/<class>/<file>.png.
+
+Imported by the benchmarks (`from real_data import DATASETS`); runs nothing. Each builder takes
+a destination folder and returns it. The datasets differ on purpose: small scans (digits), small
+low-detail grayscale photos (faces), large-scale texture (textures), colour photo crops
+(photos), and classes that share most of their visual content (blends).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def _save(root: Path, label: str, name: str, pixels: np.ndarray) -> None:
+    folder = root / label
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(folder / f"{name}.png")
+
+
+def digits(root: Path) -> Path:
+    """scikit-learn's 1,797 scanned 8×8 digits, 10 classes (what builtin:digits writes)."""
+    from visiontune.components.prepare import materialize_digits
+
+    return materialize_digits(root)
+
+
+def faces(root: Path) -> Path:
+    """scikit-image's lfw_subset: 100 faces and 100 non-faces, 25×25 grayscale photos."""
+    from skimage import data
+
+    pixels = data.lfw_subset()  # (200, 25, 25) floats in [0, 1]; the first 100 are faces
+    for i, img in enumerate(pixels):
+        _save(root, "face" if i < 100 else "not_face", f"{i:03d}", np.round(img * 255).astype(np.uint8))
+    return root
+
+
+def _textures() -> dict[str, np.ndarray]:
+    from skimage import data
+
+    return {name: getattr(data, name)() for name in ("brick", "grass", "gravel")}  # 512×512 grayscale
+
+
+def textures(root: Path, patch: int = 64) -> Path:
+    """Non-overlapping 64 px patches of scikit-image's brick, grass and gravel (64 per class)."""
+    for name, img in _textures().items():
+        for y in range(0, img.shape[0] - patch + 1, patch):
+            for x in range(0, img.shape[1] - patch + 1, patch):
+                _save(root, name, f"{y:03d}_{x:03d}", img[y : y + patch, x : x + patch])
+    return root
+
+
+def photos(root: Path, patch: int = 96) -> Path:
+    """Non-overlapping 96 px colour crops of five scikit-image photos, one class per photo."""
+    from skimage import data
+
+    for name in ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry"):
+        img = getattr(data, name)()
+        for y in range(0, img.shape[0] - patch + 1, patch):
+            for x in range(0, img.shape[1] - patch + 1, patch):
+                _save(root, name, f"{y:03d}_{x:03d}", img[y : y + patch, x : x + patch])
+    return root
+
+
+def blends(root: Path, per_class: int = 150, patch: int = 48, seed: int = 0) -> Path:
+    """Overlapping classes: each image mixes a brick, a grass and a gravel patch; its class is the
+    texture with the largest weight, which is often barely the largest (weights ~ Dirichlet(2,2,2)),
+    so many images are ambiguous by construction while their labels are right."""
+    rng = np.random.default_rng(seed)
+    sources = _textures()
+    names = list(sources)
+    counts = dict.fromkeys(names, 0)
+    i = 0
+    while min(counts.values()) < per_class:
+        weights = rng.dirichlet([2.0, 2.0, 2.0])
+        label = names[int(weights.argmax())]
+        i += 1
+        if counts[label] >= per_class:
+            continue
+        mix = np.zeros((patch, patch))
+        for w, name in zip(weights, names, strict=True):
+            y, x = rng.integers(0, 512 - patch, 2)
+            mix += w * sources[name][y : y + patch, x : x + patch]
+        _save(root, label, f"{i:05d}", np.clip(np.round(mix), 0, 255).astype(np.uint8))
+        counts[label] += 1
+    return root
+
+
+DATASETS: dict[str, Callable[[Path], Path]] = {
+    "digits": digits,
+    "faces": faces,
+    "textures": textures,
+    "photos": photos,
+    "blends": blends,
+}
