@@ -402,7 +402,8 @@ def _train(ctx, rank_device, cfg, model_cfg, base, prepared, out, store, resume,
         ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     forward = torch.compile(ddp) if cfg.compile else ddp
 
-    stopped_early = bool(history) and bad_epochs >= cfg.patience
+    # early stopping means fewer epochs than train.epochs, never merely a last epoch without progress
+    stopped_early = bool(history) and bad_epochs >= cfg.patience and history[-1]["epoch"] < cfg.epochs
     for epoch in range(start_epoch, cfg.epochs + 1):
         if stopped_early:
             break
@@ -519,7 +520,7 @@ def _train(ctx, rank_device, cfg, model_cfg, base, prepared, out, store, resume,
             )
             if on_epoch_end is not None:  # e.g. a benchmark scoring the test split; not part of training
                 on_epoch_end(epoch, model)
-        if ctx.decide(bad_epochs >= cfg.patience, device):  # rank 0 decides for all
+        if epoch < cfg.epochs and ctx.decide(bad_epochs >= cfg.patience, device):  # rank 0 decides for all
             stopped_early = True
             say(f"early stop: val loss has not improved for {cfg.patience} epochs")
 

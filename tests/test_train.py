@@ -39,8 +39,25 @@ def test_training_learns_and_early_stopping_keeps_best(tmp_path):
     assert result.best_val_accuracy >= 0.8  # 0 vs 1 is easy with pretrained features
     assert result.best_val_loss == min(losses)
     assert float(rows[result.best_epoch - 1]["val_loss"]) == min(losses)
+    assert result.stopped_early == (result.epochs_run < 6)
     if result.stopped_early:
         assert result.epochs_run == result.best_epoch + 1  # patience 1
+
+
+@pytest.mark.parametrize("epochs", [2, 3])
+def test_stopped_early_only_when_fewer_epochs_ran(tmp_path, epochs):
+    """min_delta 10: only epoch 1 improves (on infinity), so patience 1 runs out after epoch 2."""
+    from conftest import write_digits
+    from visiontune.pipelines import stages
+
+    data = write_digits(tmp_path / "raw", classes=(0, 1), per_class=12)
+    params = tiny_params(data, train={"epochs": epochs, "patience": 1, "min_delta": 10.0})
+    layout = stages.Layout(tmp_path / "prep")
+    stages.prepare(params, layout)
+    result = stages.train(params, layout)
+    assert result.best_epoch == 1 and result.epochs_run == 2
+    # two epochs of two: the last one did not improve, but nothing stopped early
+    assert result.stopped_early is (epochs == 3)
 
 
 def test_augment_keeps_shape_and_is_seeded():
