@@ -7,7 +7,7 @@ nothing below them sees a raw dict.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -53,7 +53,8 @@ class ValidateConfig(Section):
 
 class ModelConfig(Section):
     name: str = "tf_efficientnet_lite0"  # any timm model name
-    image_size: int | None = Field(None, ge=16)  # None: the model's pretrained input size
+    # auto: chosen from the data (components/model.choose_image_size); None: the model's native size
+    image_size: Annotated[int, Field(ge=16)] | Literal["auto"] | None = "auto"
     pretrained: bool = True
     weights: str | None = None  # local weights file (.safetensors, .pth, .bin) for model.name
 

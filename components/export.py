@@ -137,6 +137,7 @@ def export(cfg: ExportConfig, prepared: Path, checkpoint: Path, out: Path) -> Ex
         "mean": json.dumps(list(prep.mean)),
         "std": json.dumps(list(prep.std)),
         "image_size": str(prep.size),
+        "image_size_reason": meta.get("image_size_reason", "model.image_size"),
         "architecture": meta["architecture"],
         "data_sha256": sha256_file(prepared / "manifest.csv"),  # the manifest it was trained on
         **lineage(),  # git commit and dirty flag; the MLflow run id is added when registered

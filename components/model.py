@@ -78,6 +78,41 @@ def _size_kwargs(name: str, size: int | None) -> dict[str, Any]:
     return {}
 
 
+AUTO_MIN_SIZE = 64  # px: the smallest size `auto` chooses; pretrained features fade below it
+AUTO_STEP = 32  # px: `auto` rounds up to a multiple of the networks' total stride
+
+
+@dataclass(frozen=True)
+class SizeChoice:
+    """The training resolution and why it was chosen, as train.json and the summary tell it."""
+
+    size: int
+    reason: str
+
+
+def native_size(name: str) -> int:
+    """The input size the model was pretrained at (timm's pretrained config; 224 when it has none)."""
+    pretrained_cfg = timm.models.get_pretrained_cfg(name)
+    return int(pretrained_cfg.input_size[-1]) if pretrained_cfg is not None else 224
+
+
+def choose_image_size(cfg: ModelConfig, widths: np.ndarray, heights: np.ndarray) -> SizeChoice:
+    """model.image_size resolved: an integer as given, None as the model's native size, and `auto`
+    from the images: native when their median short side reaches it, else that median rounded up
+    to a multiple of 32 and at least 64 (upscaling 8 px scans to 224 would cost 12× the compute)."""
+    native = native_size(cfg.name)
+    if isinstance(cfg.image_size, int):
+        return SizeChoice(cfg.image_size, "model.image_size")
+    if cfg.image_size is None:
+        return SizeChoice(native, f"model.image_size null: {cfg.name}'s native size")
+    short = int(np.median(np.minimum(widths, heights)))
+    if short >= native:
+        return SizeChoice(native, f"auto: median short side {short} px ≥ {cfg.name}'s native {native} px")
+    size = max(AUTO_MIN_SIZE, -(-short // AUTO_STEP) * AUTO_STEP)
+    rule = f"rounded up to a multiple of {AUTO_STEP}, at least {AUTO_MIN_SIZE}"
+    return SizeChoice(size, f"auto: median short side {short} px, {rule}")
+
+
 def create(cfg: ModelConfig, num_classes: int) -> tuple[nn.Module, Preprocessing]:
     """A timm classifier with a new `num_classes` head, loaded as model.pretrained/weights say."""
     if cfg.name not in timm.list_models() and not timm.is_model(cfg.name):
@@ -86,6 +121,8 @@ def create(cfg: ModelConfig, num_classes: int) -> tuple[nn.Module, Preprocessing
     weights = Path(cfg.weights) if cfg.weights else None
     if weights is not None and not weights.is_file():
         raise WeightsUnavailable(f"model.weights: {weights} does not exist; fix the path or remove the key")
+    if cfg.image_size == "auto":
+        raise ValueError("model.image_size 'auto' must be resolved with choose_image_size before create")
     size_kwargs = _size_kwargs(cfg.name, cfg.image_size)
     if not cfg.pretrained:
         model = timm.create_model(cfg.name, pretrained=False, num_classes=num_classes, **size_kwargs)

@@ -50,6 +50,8 @@ class TrainResult:
     best_val_loss: float
     best_val_accuracy: float
     train_images: int
+    image_size: int  # px, as trained (model.image_size resolved)
+    image_size_reason: str
     trainable_parameters: int
     total_parameters: int
     trainable_percent: float
@@ -330,7 +332,11 @@ def _train(ctx, rank_device, cfg, model_cfg, base, prepared, out, store, resume,
     index = {name: i for i, name in enumerate(class_names)}
     device = rank_device or pick_device(cfg.device)
     seed_everything(base.seed, cfg.deterministic)
-    model, prep, frozen = _build(cfg, model_cfg, len(class_names))
+    size = models.choose_image_size(model_cfg, frame["width"].to_numpy(), frame["height"].to_numpy())
+    say(f"image size {size.size} px ({size.reason})")
+    model, prep, frozen = _build(
+        cfg, model_cfg.model_copy(update={"image_size": size.size}), len(class_names)
+    )
     trainable, total = models.count_parameters(model)
     say(f"{cfg.method}: {trainable:,} of {total:,} parameters train ({100 * trainable / total:.2f} %)")
     if ctx.world > 1:
@@ -539,6 +545,7 @@ def _train(ctx, rank_device, cfg, model_cfg, base, prepared, out, store, resume,
     config = {"model": model_cfg.model_dump(), "train": cfg.model_dump(), "seed": base.seed}
     meta = models.checkpoint_meta(model_cfg.name, class_names, prep, config)
     meta["best_epoch"] = best["epoch"]
+    meta["image_size_reason"] = size.reason
     if isinstance(model, models.LevelProbe):
         meta["probe_levels"] = model.levels
     models.save_checkpoint(model.to("cpu", memory_format=torch.contiguous_format), out, meta)
@@ -558,6 +565,8 @@ def _train(ctx, rank_device, cfg, model_cfg, base, prepared, out, store, resume,
         best_val_loss=best["val_loss"],
         best_val_accuracy=best["val_accuracy"],
         train_images=n,
+        image_size=size.size,
+        image_size_reason=size.reason,
         trainable_parameters=trainable,
         total_parameters=total,
         trainable_percent=round(100 * trainable / total, 3),

@@ -203,9 +203,8 @@ def audit(
         check = config.validate_.model_copy(update={"on_fail": "warn"})  # report everything, then exit 1
         data = config.data.model_copy(update={"source": source})
         prepared = run_prepare(data, config.base, check.max_pixels, out / "prepare")
-        result = run_validate(
-            check, out / "prepare", out, config.model.image_size, config.base.seed, out / "cache"
-        )
+        size = stages.image_size(config, out / "prepare")
+        result = run_validate(check, out / "prepare", out, size, config.base.seed, out / "cache")
     typer.echo(
         f"{prepared.n_images} images, {len(prepared.classes)} classes: {result.n_quarantined} quarantined, "
         f"{result.n_duplicate_groups} duplicate groups, {result.n_leaked} leaked into val/test, "
@@ -313,6 +312,15 @@ def summary(root: RootOpt = Path("data/prepared")) -> None:
         lines.append(f"  report          {report}  (metrics, curves, confusion, calibration, mistakes)")
     for plot in sorted((layout.evaluate / "details").glob("*.png")):
         lines.append(f"  plot            {plot}")
+    train_path = layout.train / "train.json"
+    if train_path.exists():
+        trained = json.loads(train_path.read_text())
+        stop = "stopped early" if trained["stopped_early"] else "all epochs ran"
+        size = f"{trained.get('image_size', '?')} px ({trained.get('image_size_reason', 'model.image_size')})"
+        lines.append(
+            f"  training        {trained['method']} on {trained['device']}, {size}; "
+            f"best epoch {trained['best_epoch']} of {trained['epochs_run']} run ({stop})"
+        )
     lines.append(f"  loss curves     dvc plots show   (data: {layout.train / 'history.csv'})")
     onnx = layout.export / "model.onnx"
     if onnx.exists():

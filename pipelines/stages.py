@@ -54,6 +54,15 @@ def prepare(params: Params, layout: Layout):
     return run(params.data, params.base, params.validate_.max_pixels, layout.prepare)
 
 
+def image_size(params: Params, prepared: Path) -> int:
+    """model.image_size resolved against the prepared manifest (what train will choose)."""
+    from visiontune.components import manifest
+    from visiontune.components.model import choose_image_size
+
+    frame = manifest.read(prepared / "manifest.csv")
+    return choose_image_size(params.model, frame["width"].to_numpy(), frame["height"].to_numpy()).size
+
+
 def validate(params: Params, layout: Layout):
     from visiontune.components.validate import validate as run
 
@@ -61,7 +70,7 @@ def validate(params: Params, layout: Layout):
         params.validate_,
         layout.prepare,
         layout.validate,
-        params.model.image_size,
+        image_size(params, layout.prepare),
         params.base.seed,
         layout.cache,
     )
@@ -151,7 +160,7 @@ def register(params: Params, layout: Layout):
         data_hash = ""
     candidate = Candidate(
         data_hash=data_hash,
-        params={**params.flat(), "train.resolved_lr": params.train.base_lr},
+        params={**params.flat(), "train.resolved_lr": params.train.base_lr, **_resolved_size(layout)},
         prepare=layout.prepare / "prepare.json",
         validation=layout.validate,
         checkpoint=layout.train,
@@ -166,6 +175,14 @@ def register(params: Params, layout: Layout):
         outcome = "promoted" if decision.promoted else "refused"
         print(f"promotion of v{decision.candidate}: {outcome} ({decision.reason})")
     return result
+
+
+def _resolved_size(layout: Layout) -> dict[str, int]:
+    """The trained resolution as an MLflow param beside model.image_size (which may say auto)."""
+    import json
+
+    trained = json.loads((layout.train / "train.json").read_text())
+    return {"model.resolved_image_size": trained["image_size"]} if "image_size" in trained else {}
 
 
 STAGES = {

@@ -17,7 +17,7 @@ def _top5(model, prep, photo) -> list[int]:
 
 def test_embedded_lite0_classifies_real_photos():
     skimage_data = pytest.importorskip("skimage.data")
-    model, prep = models.create(ModelConfig(), num_classes=1000)
+    model, prep = models.create(ModelConfig(image_size=None), num_classes=1000)
     assert prep.mean == (0.5, 0.5, 0.5) and prep.size == 224
     assert 281 <= _top5(model, prep, skimage_data.chelsea())[0] <= 285  # a cat
     assert _top5(model, prep, skimage_data.coffee())[0] in (967, 968)  # espresso / cup
@@ -32,7 +32,7 @@ def test_new_head_has_num_classes_and_image_size_follows_config():
 def test_no_weights_lists_the_options(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(models.WeightsUnavailable) as err:
-        models.create(ModelConfig(name="resnet18"), num_classes=3)
+        models.create(ModelConfig(name="resnet18", image_size=None), num_classes=3)
     msg = str(err.value)
     for option in (
         "model.weights",
@@ -50,7 +50,9 @@ def test_local_weights_file_is_loaded(tmp_path):
     source = timm.create_model("resnet18", pretrained=False)
     path = tmp_path / "resnet18.safetensors"
     save_file(source.state_dict(), path)
-    model, prep = models.create(ModelConfig(name="resnet18", weights=str(path)), num_classes=4)
+    model, prep = models.create(
+        ModelConfig(name="resnet18", weights=str(path), image_size=None), num_classes=4
+    )
     assert torch.equal(model.conv1.weight, source.conv1.weight)
     assert model.get_classifier().out_features == 4
     assert prep.mean == pytest.approx((0.485, 0.456, 0.406))
@@ -78,13 +80,13 @@ def test_vit_at_another_resolution_loads_local_weights_and_round_trips(tmp_path)
 
 def test_missing_weights_file_and_unknown_model_are_clear(tmp_path):
     with pytest.raises(models.WeightsUnavailable, match="does not exist"):
-        models.create(ModelConfig(name="resnet18", weights=str(tmp_path / "no.pth")), 3)
+        models.create(ModelConfig(name="resnet18", weights=str(tmp_path / "no.pth"), image_size=None), 3)
     with pytest.raises(Exception, match="not a timm model"):
-        models.create(ModelConfig(name="resnet_eighteen"), 3)
+        models.create(ModelConfig(name="resnet_eighteen", image_size=None), 3)
 
 
 def test_random_init_only_when_asked():
-    model, _ = models.create(ModelConfig(name="resnet18", pretrained=False), num_classes=3)
+    model, _ = models.create(ModelConfig(name="resnet18", pretrained=False, image_size=None), num_classes=3)
     assert model.get_classifier().out_features == 3
 
 
@@ -100,3 +102,32 @@ def test_checkpoint_round_trip_rebuilds_the_same_model(tmp_path):
         assert torch.allclose(model(x), loaded(x))
     assert loaded_meta["class_names"] == ["a", "b", "c"]
     assert models.preprocessing_of(loaded_meta) == prep
+
+
+@pytest.mark.parametrize(
+    ("setting", "name", "short_sides", "size"),
+    [
+        ("auto", "tf_efficientnet_lite0", [8] * 5, 64),  # digits: 8×8 scans
+        ("auto", "tf_efficientnet_lite0", [25] * 5, 64),  # lfw faces
+        ("auto", "tf_efficientnet_lite0", [90, 96, 96, 100, 500], 96),  # median 96: already ×32
+        ("auto", "tf_efficientnet_lite0", [97, 97, 97], 128),  # rounded up
+        ("auto", "tf_efficientnet_lite0", [224, 300, 4000], 224),  # photos: native
+        ("auto", "vit_tiny_patch16_224", [150, 160, 170], 160),
+        (None, "tf_efficientnet_lite0", [8], 224),
+        (48, "tf_efficientnet_lite0", [4000], 48),  # an integer wins
+    ],
+)
+def test_image_size_is_chosen_from_the_data(setting, name, short_sides, size):
+    sides = np.array(short_sides)
+    choice = models.choose_image_size(ModelConfig(name=name, image_size=setting), sides + 10, sides)
+    assert choice.size == size
+    assert choice.reason.startswith("auto" if setting == "auto" else "model.image_size")
+
+
+def test_image_size_setting_is_validated():
+    with pytest.raises(ValueError, match="image_size"):
+        ModelConfig(image_size="big")
+    with pytest.raises(ValueError, match="image_size"):
+        ModelConfig(image_size=8)
+    with pytest.raises(ValueError, match="choose_image_size"):
+        models.create(ModelConfig(image_size="auto"), num_classes=3)

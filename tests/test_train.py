@@ -147,3 +147,27 @@ def test_compiled_training_writes_a_plain_checkpoint_that_exports(tmp_path):
     model, _ = models.load_checkpoint(layout.train)  # no torch.compile wrapper names in the keys
     assert not any("_orig_mod" in k for k in model.state_dict())
     assert stages.export(params, layout).top1_agreement == 1.0
+
+
+def test_auto_image_size_is_recorded_in_train_json_checkpoint_and_onnx(tmp_path):
+    """8×8 scans train at 64 px under model.image_size: auto, and every record says so."""
+    import onnx
+
+    from conftest import write_digits
+    from visiontune.pipelines import stages
+
+    data = write_digits(tmp_path / "raw", classes=(0, 1), per_class=10)
+    params = tiny_params(data, model={"image_size": "auto"})
+    layout = stages.Layout(tmp_path / "prep")
+    for name in ("prepare", "validate", "train", "export"):
+        stages.STAGES[name](params, layout)
+    result = json.loads((layout.train / "train.json").read_text())
+    assert result["image_size"] == 64 and result["image_size_reason"].startswith(
+        "auto: median short side 8 px"
+    )
+    _, meta = models.load_checkpoint(layout.train)
+    assert meta["preprocessing"]["size"] == 64 and meta["config"]["model"]["image_size"] == "auto"
+    props = {p.key: p.value for p in onnx.load(str(layout.export / "model.onnx")).metadata_props}
+    assert props["image_size"] == "64" and props["image_size_reason"] == result["image_size_reason"]
+    audit = json.loads((layout.validate / "report.json").read_text())["label_audit"]
+    assert audit["image_size"] == 64
