@@ -30,6 +30,7 @@ class DataConfig(Section):
     source: str = "builtin:digits"
     val_fraction: float = Field(0.15, ge=0.0, lt=1.0)
     test_fraction: float = Field(0.15, ge=0.0, lt=1.0)
+    min_eval_per_class: int = Field(5, ge=0)  # val and test floor per class, capped at a sixth of it each
 
     @model_validator(mode="after")
     def _fractions_leave_training_data(self) -> DataConfig:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import images, manifest, metrics, plots
@@ -21,6 +21,7 @@ class EvaluateResult:
     metrics_path: str
     report: str
     plots: list[str]
+    classes_without_images: dict[str, list[str]] = field(default_factory=dict)  # split → class names
 
 
 def batches(paths: list[str], size: int, mean, std, batch_size: int):
@@ -33,7 +34,11 @@ def evaluate(
     cfg: EvaluateConfig, prepared: Path, checkpoint: Path, out: Path, validation: Path | None = None
 ) -> EvaluateResult:
     """Score the checkpoint on val and test; write out/metrics.json, and per-class and confusion
-    JSON, predictions.csv, the plots and report.html to out/details."""
+    JSON, predictions.csv, the plots and report.html to out/details.
+
+    Averages run over the classes each split holds; the others are counted in metrics.json
+    (`<split>_classes_without_images`), named in the result, and have null scores in per_class.json.
+    """
     from .report import evaluation_html
 
     details = out / "details"
@@ -52,7 +57,7 @@ def evaluate(
         raise VisiontuneError(f"labels {unknown} are not classes of the checkpoint {checkpoint}; retrain")
 
     flat: dict[str, float] = {}
-    results = {}
+    results, absent = {}, {}
     for split in ("test", "val"):
         rows = frame[frame["split"] == split]
         if rows.empty:
@@ -62,12 +67,14 @@ def evaluate(
         probs, y_true = metrics.softmax(logits), rows["label"].map(index).to_numpy()
         flat |= metrics.summary(probs, y_true, split, cfg.top_k)
         results[split] = (paths, probs, y_true)
+        absent[split] = metrics.without_images(y_true, class_names)
     (out / "metrics.json").write_text(json.dumps(flat, indent=2))
 
     paths, probs, y_true = results["test"]
     per_class = metrics.per_class(probs, y_true, class_names)
     cm = metrics.confusion(probs, y_true, len(class_names))
     (details / "per_class.json").write_text(json.dumps(per_class, indent=2))
+    scored = {name: c for name, c in per_class.items() if c["support"]}  # plots show no made-up scores
     (details / "confusion.json").write_text(json.dumps({"classes": class_names, "matrix": cm.tolist()}))
     predicted, confidence = probs.argmax(1), probs.max(1)
     with open(details / "predictions.csv", "w", newline="") as fh:
@@ -86,7 +93,7 @@ def evaluate(
 
     figures = {
         "confusion": plots.confusion_matrix(cm, class_names, details),
-        "per_class_f1": plots.per_class_f1(per_class, details),
+        "per_class_f1": plots.per_class_f1(scored, details),
         "reliability": plots.reliability_diagram(
             metrics.reliability(probs, y_true), flat["test_ece"], details
         ),
@@ -104,13 +111,12 @@ def evaluate(
         figures["mistakes"] = gallery
     report_path = validation / "report.json" if validation else None
     validation_report = json.loads(report_path.read_text()) if report_path and report_path.exists() else None
-    html = evaluation_html(
-        flat, per_class, figures, meta, validation_report, mistakes[: cfg.gallery], history
-    )
+    html = evaluation_html(flat, scored, figures, meta, validation_report, mistakes[: cfg.gallery], history)
     (details / "report.html").write_text(html)
     return EvaluateResult(
         metrics=flat,
         metrics_path=str(out / "metrics.json"),
         report=str(details / "report.html"),
         plots=[str(p) for p in figures.values()],
+        classes_without_images=absent,
     )

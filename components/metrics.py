@@ -45,34 +45,49 @@ def reliability(probs: np.ndarray, y_true: np.ndarray, bins: int = 15) -> list[d
 
 
 def summary(probs: np.ndarray, y_true: np.ndarray, split: str, top_k: int) -> dict[str, float]:
-    """Flat metrics for one split, keyed '<split>_<metric>' (DVC metrics, MLflow)."""
+    """Flat metrics for one split, keyed '<split>_<metric>' (DVC metrics, MLflow).
+
+    Macro and weighted averages run over the classes the split holds (a class without images
+    has no recall to average); `<split>_classes_without_images` counts the others.
+    """
     y_pred = probs.argmax(1)
+    present = np.unique(y_true).tolist()
     out: dict[str, float] = {
         f"{split}_accuracy": float(accuracy_score(y_true, y_pred)),
         f"{split}_images": int(len(y_true)),
+        f"{split}_classes": len(present),
+        f"{split}_classes_without_images": probs.shape[1] - len(present),
     }
     k = min(top_k, probs.shape[1])
     top = np.argsort(-probs, axis=1)[:, :k]
     out[f"{split}_top{k}_accuracy"] = float((top == y_true[:, None]).any(1).mean())
     for average in ("macro", "weighted"):
-        p, r, f1, _ = precision_recall_fscore_support(y_true, y_pred, average=average, zero_division=0)
+        p, r, f1, _ = precision_recall_fscore_support(
+            y_true, y_pred, labels=present, average=average, zero_division=0
+        )
         out |= {f"{split}_{average}_precision": float(p), f"{split}_{average}_recall": float(r)}
         out[f"{split}_{average}_f1"] = float(f1)
     out[f"{split}_ece"] = expected_calibration_error(probs, y_true)
     return out
 
 
+def without_images(y_true: np.ndarray, class_names: list[str]) -> list[str]:
+    """The classes no image of the split belongs to, in class order."""
+    held = set(np.unique(y_true).tolist())
+    return [name for i, name in enumerate(class_names) if i not in held]
+
+
 def per_class(probs: np.ndarray, y_true: np.ndarray, class_names: list[str]) -> dict[str, dict]:
-    """Precision, recall, F1 and support of every class."""
+    """Precision, recall, F1 and support of every class; None for a class with no images (support 0)."""
     labels = list(range(len(class_names)))
     p, r, f1, support = precision_recall_fscore_support(
         y_true, probs.argmax(1), labels=labels, average=None, zero_division=0
     )
     return {
         name: {
-            "precision": float(p[i]),
-            "recall": float(r[i]),
-            "f1": float(f1[i]),
+            "precision": float(p[i]) if support[i] else None,
+            "recall": float(r[i]) if support[i] else None,
+            "f1": float(f1[i]) if support[i] else None,
             "support": int(support[i]),
         }
         for i, name in enumerate(class_names)

@@ -5,7 +5,6 @@ Run as `visiontune prepare` (a dvc.yaml stage) or called by the Prefect flow and
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +20,7 @@ from .config import BaseConfig, DataConfig
 from .duplicates import perceptual_hash
 from .errors import VisiontuneError
 from .images import IMAGE_EXTENSIONS, ImageDecodeError, load_image, sha256_file
+from .splits import SplitRule, assign_splits, read_split_record, write_split_record
 
 BUILTIN_DIGITS = "builtin:digits"
 
@@ -113,16 +113,6 @@ def read_csv_source(csv_path: Path) -> pd.DataFrame:
     base = csv_path.parent
     frame["path"] = [_display_path(p if p.is_absolute() else base / p) for p in map(Path, frame["path"])]
     return frame
-
-
-def split_of(sha256: str, seed: int, val_fraction: float, test_fraction: float) -> str:
-    """Split decided by the image's content and the seed alone: adding images never moves one."""
-    u = int.from_bytes(hashlib.sha256(f"{seed}:{sha256}".encode()).digest()[:8], "big") / 2**64
-    if u < test_fraction:
-        return "test"
-    if u < test_fraction + val_fraction:
-        return "val"
-    return "train"
 
 
 def _inspect(path: str, max_pixels: int) -> dict:
@@ -236,10 +226,8 @@ def resolve_source(source: str, out: Path) -> tuple[pd.DataFrame, list[str]]:
     )
 
 
-def prepare(data: DataConfig, base: BaseConfig, max_pixels: int, out: Path) -> PrepareResult:
-    """Ingest data.source into out/manifest.csv; unreadable images go to out/quarantine.json."""
-    out.mkdir(parents=True, exist_ok=True)
-    rows, skipped = resolve_source(data.source, out)
+def _inspect_all(rows: pd.DataFrame, source: str, max_pixels: int) -> tuple[pd.DataFrame, list[dict]]:
+    """The decodable rows with their facts (sha256, size, ...) in path order, and the quarantined ones."""
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
         facts = list(pool.map(lambda p: _inspect(p, max_pixels), rows["path"]))
     info = pd.DataFrame(facts, index=rows.index)
@@ -253,20 +241,35 @@ def prepare(data: DataConfig, base: BaseConfig, max_pixels: int, out: Path) -> P
     if good.empty:
         first = Path(rows["path"].iloc[0])
         if not first.exists():  # a CSV in git whose images DVC tracks but nobody pulled
-            subject = f"data.source: {data.source!r}: its images ({_display_path(first)}, ...) are missing"
+            subject = f"data.source: {source!r}: its images ({_display_path(first)}, ...) are missing"
             missing_tracked_data(first, subject)
-        raise SourceError(f"data.source: {data.source!r}: none of {len(rows)} images could be decoded")
-    given = good["split"] if "split" in good else pd.Series("", index=good.index)
-    good["split"] = [
-        g or split_of(sha, base.seed, data.val_fraction, data.test_fraction)
-        for g, sha in zip(given, good["sha256"], strict=True)
-    ]
+        raise SourceError(f"data.source: {source!r}: none of {len(rows)} images could be decoded")
+    return good.sort_values("path", kind="stable").reset_index(drop=True), quarantined
+
+
+def prepare(data: DataConfig, base: BaseConfig, max_pixels: int, out: Path) -> PrepareResult:
+    """Ingest data.source into out/manifest.csv; unreadable images go to out/quarantine.json.
+
+    Splits are stratified and kept: out/splits.json records the split of every image's content,
+    and the next run reads it back first (see `assign_splits`). Added images fill each class's
+    quotas, so no recorded image moves; removed images drop out of the record. A changed
+    base.seed, data.val_fraction, data.test_fraction or data.min_eval_per_class sets the record
+    aside and draws every split anew. Without a record (first run, fresh clone before
+    `dvc pull` of this folder) splits are drawn from the images and the seed alone, the same
+    on every machine.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    rule = SplitRule(base.seed, data.val_fraction, data.test_fraction, data.min_eval_per_class)
+    recorded = read_split_record(out, rule)  # read before anything in out is rewritten
+    rows, skipped = resolve_source(data.source, out)
+    good, quarantined = _inspect_all(rows, data.source, max_pixels)
+    good["split"] = assign_splits(good, recorded, rule)
     good["width"] = good["width"].astype(int)
     good["height"] = good["height"].astype(int)
-    good = good.sort_values("path", kind="stable").reset_index(drop=True)
     manifest.schema().validate(good, lazy=True)
     manifest_path = out / "manifest.csv"
     manifest.write(good, manifest_path)
+    write_split_record(out, good, rule)
     (out / "quarantine.json").write_text(json.dumps(quarantined, indent=2))
     result = PrepareResult(
         manifest=_display_path(manifest_path),

@@ -136,9 +136,12 @@ def evaluation_html(
 
     test = {k.removeprefix("test_"): v for k, v in flat.items() if k.startswith("test_")}
     val = {k.removeprefix("val_"): v for k, v in flat.items() if k.startswith("val_")}
-    keys = [k for k in test if k != "images"]
-    metric_rows = [[k, f"{test[k]:.4f}", f"{val[k]:.4f}" if k in val else "–"] for k in keys]
-    metric_rows.append(["images", test.get("images"), val.get("images", "–")])
+
+    def shown(value) -> str:  # counts stay whole numbers
+        return str(value) if isinstance(value, int) else f"{value:.4f}"
+
+    metric_rows = [[k, shown(test[k]), shown(val[k]) if k in val else "–"] for k in test]
+    unscored = [c for c in meta["class_names"] if c not in per_class]
     class_rows = [
         [name, f"{c['precision']:.3f}", f"{c['recall']:.3f}", f"{c['f1']:.3f}", c["support"]]
         for name, c in sorted(per_class.items(), key=lambda kv: kv[1]["f1"])
@@ -181,6 +184,9 @@ def evaluation_html(
     parts += ["<h2>Confusion matrix</h2>", _img(figures["confusion"])]
     parts += ["<h2>Per class (test, worst F1 first)</h2>", _img(figures["per_class_f1"])]
     parts.append(_html_table(["class", "precision", "recall", "F1", "support"], class_rows))
+    if unscored:
+        names = escape(", ".join(unscored))
+        parts.append(f"<p class='warn'>⚠ No test images, not scored and not averaged: {names}.</p>")
     parts += ["<h2>Calibration</h2>", _img(figures["reliability"])]
     parts.append(f"<h2>Misclassified test images ({len(mistakes)} shown, most confident first)</h2>")
     if "mistakes" in figures:

@@ -124,7 +124,7 @@ def model_card(prepared: dict, validation: dict | None, metrics: dict, train_met
         "",
         "**Test metrics**: "
         + ", ".join(
-            f"{k.removeprefix('test_')} {v:.4f}"
+            f"{k.removeprefix('test_')} {v}" if isinstance(v, int) else f"{k.removeprefix('test_')} {v:.4f}"
             for k, v in metrics.items()
             if k.startswith("test_") and k != "test_images"
         ),  # fmt: skip

@@ -35,7 +35,7 @@ class StageInputs:
 
 STAGE_INPUTS: dict[str, StageInputs] = {
     "prepare": StageInputs(("base", "data", "validate.max_pixels"), ()),
-    "validate": StageInputs(("base.seed", "model.image_size", "validate"), ("prepare",)),
+    "validate": StageInputs(("base.seed", "model.name", "model.image_size", "validate"), ("prepare",)),
     "train": StageInputs(("base", "model", "train"), ("prepare", "validate")),
     "evaluate": StageInputs(
         ("evaluate",),

@@ -3,6 +3,9 @@
 import csv
 import json
 
+import numpy as np
+import pytest
+
 from visiontune.components import manifest
 from visiontune.pipelines import stages
 
@@ -32,3 +35,60 @@ def test_metrics_predictions_and_plots(trained):
     section = html[html.index("Misclassified test images") :]
     positions = [section.index(m["path"]) for m in sorted(mistakes, key=lambda r: -float(r["confidence"]))]
     assert positions == sorted(positions)  # most confident mistakes first
+
+
+def test_macro_scores_average_over_the_classes_the_split_holds():
+    from sklearn.metrics import f1_score, precision_score
+
+    from visiontune.components import metrics
+
+    rng = np.random.default_rng(0)
+    y_true = rng.choice([0, 1, 3], size=60)  # class 2 has no images
+    logits = rng.normal(size=(60, 4))
+    logits[np.arange(60), y_true] += 1.5
+    logits[:5, 2] += 9  # and a few images are called class 2 anyway
+    probs = metrics.softmax(logits)
+    y_pred = probs.argmax(1)
+    flat = metrics.summary(probs, y_true, "test", top_k=2)
+    present = [0, 1, 3]
+    assert flat["test_macro_f1"] == pytest.approx(f1_score(y_true, y_pred, labels=present, average="macro"))
+    assert flat["test_macro_precision"] == pytest.approx(
+        precision_score(y_true, y_pred, labels=present, average="macro")
+    )
+    assert flat["test_macro_f1"] > f1_score(y_true, y_pred, labels=[0, 1, 2, 3], average="macro")
+    assert flat["test_classes"] == 3 and flat["test_classes_without_images"] == 1
+    names = ["a", "b", "c", "d"]
+    assert metrics.without_images(y_true, names) == ["c"]
+    per_class = metrics.per_class(probs, y_true, names)
+    assert per_class["c"] == {"precision": None, "recall": None, "f1": None, "support": 0}
+    assert all(isinstance(per_class[n]["f1"], float) for n in "abd")
+
+
+def test_a_class_without_test_images_is_listed_not_scored_zero(trained, tmp_path):
+    from visiontune.components.evaluate import evaluate
+
+    params, layout = trained
+    prepared = tmp_path / "prepared"
+    prepared.mkdir()
+    frame = manifest.read(layout.prepare / "manifest.csv")
+    frame.loc[(frame["label"] == "2") & (frame["split"] == "test"), "split"] = "train"
+    manifest.write(frame, prepared / "manifest.csv")
+    result = evaluate(params.evaluate, prepared, layout.train, tmp_path / "evaluate")
+    flat = json.loads((tmp_path / "evaluate" / "metrics.json").read_text())
+    assert flat["test_classes"] == 2 and flat["test_classes_without_images"] == 1
+    assert flat["val_classes_without_images"] == 0
+    assert result.classes_without_images == {"test": ["2"], "val": []}
+    with open(tmp_path / "evaluate" / "details" / "predictions.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    labels = [r["label"] for r in rows]
+    predicted = [r["predicted"] for r in rows]
+    from sklearn.metrics import f1_score
+
+    assert flat["test_macro_f1"] == pytest.approx(
+        f1_score(labels, predicted, labels=["0", "1"], average="macro")
+    )
+    per_class = json.loads((tmp_path / "evaluate" / "details" / "per_class.json").read_text())
+    assert per_class["2"] == {"precision": None, "recall": None, "f1": None, "support": 0}
+    html = (tmp_path / "evaluate" / "details" / "report.html").read_text()
+    table = html[html.index("Per class (test") : html.index("<h2>Calibration")]
+    assert "<td>2</td>" not in table  # no row of invented zeros
