@@ -1,0 +1,177 @@
+"""Near duplicates: the multi-index hash search, pixel confirmation, "similar" pairs and leakage."""
+
+from __future__ import annotations
+
+import io
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from scipy.fft import dctn, idctn
+
+from visiontune.components import duplicates
+from visiontune.components.duplicates import find_duplicates, hash_pairs, leakage, pair_thumbnails, popcount
+from visiontune.components.images import load_image, sha256_file
+
+
+def _brute_pairs(values: np.ndarray, d: int) -> set[tuple[int, int]]:
+    i, j = np.triu_indices(len(values), 1)
+    near = popcount(values[i] ^ values[j]) <= d
+    return set(zip(i[near].tolist(), j[near].tolist(), strict=True))
+
+
+def _hashes(seed: int = 0) -> np.ndarray:
+    """3,000 distinct hashes: random ones, some sharing a whole band, some a few bits from others."""
+    rng = np.random.default_rng(seed)
+    random = rng.integers(0, 2**63, 2000, dtype=np.int64).astype(np.uint64) * np.uint64(2) + np.uint64(1)
+    same_band = (random[:500] & ~np.uint64((1 << 22) - 1)) | np.uint64(12345)  # equal low 22 bits
+    flips = [random[k] ^ np.uint64(sum(1 << int(b) for b in rng.choice(64, rng.integers(1, 12), False)))
+             for k in range(500)]  # fmt: skip
+    return np.unique(np.concatenate([random, same_band, np.array(flips, dtype=np.uint64)]))
+
+
+@pytest.mark.parametrize("d", [1, 2, 4, 7, 10])
+def test_hash_search_finds_exactly_the_pairs_within_the_distance(d):
+    values = _hashes()
+    found = hash_pairs(values, d)
+    assert set(map(tuple, found.tolist())) == _brute_pairs(values, d)
+    assert len(found) > 0 and (found[:, 0] < found[:, 1]).all()
+
+
+def test_popcount_without_numpy_2(monkeypatch):
+    values = _hashes()[:500]
+    expected = [bin(int(v)).count("1") for v in values]
+    monkeypatch.delattr(np, "bitwise_count", raising=False)
+    assert popcount(values).tolist() == expected
+
+
+def _save(img: Image.Image, path, **kw):
+    img.save(path, **kw)
+    return path
+
+
+def _frame(paths, labels, splits) -> pd.DataFrame:
+    rows = []
+    for p, label, split in zip(paths, labels, splits, strict=True):
+        img = load_image(p)
+        with Image.open(p) as raw:
+            mode = raw.mode
+        rows.append(
+            {"path": str(p), "label": label, "split": split, "sha256": sha256_file(p),
+             "phash": duplicates.perceptual_hash(img), "width": img.width, "height": img.height, "mode": mode}
+        )  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def _equal_hash_pair() -> tuple[Image.Image, Image.Image]:
+    """Two different pictures with one pHash: every low DCT coefficient pushed away from the median."""
+    rng = np.random.default_rng(0)
+    small = Image.fromarray(rng.integers(90, 170, (4, 4)).astype(np.uint8))
+    base = np.asarray(small.resize((32, 32), Image.Resampling.BICUBIC), dtype=np.float64)
+    coeffs = dctn(base, type=2)
+    low = coeffs[:8, :8]
+    push = np.zeros_like(coeffs)
+    push[:8, :8] = np.where(low > np.median(low), 9000.0, -9000.0)  # same side of the median: same bits
+    push[0, 0] = 0.0
+    other = idctn(coeffs + push, type=2)
+    a, b = (Image.fromarray(x.round().clip(0, 255).astype(np.uint8)).convert("RGB") for x in (base, other))
+    return a, b
+
+
+def test_distinct_images_with_equal_hashes_are_similar_not_near_and_not_leakage(tmp_path):
+    a, b = _equal_hash_pair()
+    paths = [_save(a, tmp_path / "a.png"), _save(b, tmp_path / "b.png")]
+    frame = _frame(paths, ["shoe", "boot"], ["train", "test"])
+    assert frame["phash"].nunique() == 1  # the false match a hash alone cannot tell apart
+    assert np.abs(np.asarray(a, float) - np.asarray(b, float)).mean() > 15  # of 255: clearly different
+
+    found = find_duplicates(frame, max_distance=0)
+    assert [g["kind"] for g in found] == ["similar"]
+    pair = found[0]["pairs"][0]
+    assert pair["phash_distance"] == 0 and pair["pixel_distance"] > duplicates.PIXEL_DISTANCE
+    assert found[0]["conflicting_labels"] and found[0]["crosses_splits"]
+    assert leakage(found, frame) == []
+    png = pair_thumbnails(found, tmp_path / "pairs.png", "similar pairs")
+    assert png is not None and png.stat().st_size > 0
+
+
+def _photo(seed: int, size: int = 96) -> Image.Image:
+    """A smooth random colour picture with some detail."""
+    rng = np.random.default_rng(seed)
+    coarse = Image.fromarray(rng.integers(0, 256, (6, 6, 3)).astype(np.uint8))
+    fine = rng.normal(0, 12, (size, size, 3))
+    pixels = np.asarray(coarse.resize((size, size), Image.Resampling.BICUBIC), dtype=np.float64) + fine
+    return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+
+
+def test_reencoded_resized_and_cropped_copies_are_confirmed_and_leak(tmp_path):
+    originals = [_photo(s) for s in range(4)]
+    paths = [_save(img, tmp_path / f"o{k}.png") for k, img in enumerate(originals)]
+    copies = [
+        _save(originals[0], tmp_path / "c0.jpg", quality=70),
+        _save(originals[1].resize((144, 144), Image.Resampling.BICUBIC), tmp_path / "c1.png"),
+        _save(originals[2].crop((1, 0, 96, 95)), tmp_path / "c2.webp", quality=90),
+    ]
+    frame = _frame(paths + copies, ["x"] * 7, ["train"] * 4 + ["test"] * 3)
+    found = find_duplicates(frame, max_distance=8)
+    near = [g for g in found if g["kind"] == "near"]
+    assert sorted(sorted(p.rsplit("/", 1)[1] for p in g["paths"]) for g in near) == [
+        ["c0.jpg", "o0.png"], ["c1.png", "o1.png"], ["c2.webp", "o2.png"]
+    ]  # fmt: skip
+    for g in near:
+        (pair,) = g["pairs"]
+        assert pair["pixel_distance"] <= duplicates.PIXEL_DISTANCE and pair["phash_distance"] <= 8
+    assert sorted(x["path"].rsplit("/", 1)[1] for x in leakage(found, frame)) == [
+        "c0.jpg",
+        "c1.png",
+        "c2.webp",
+    ]
+
+
+def test_exact_copies_stay_exact_and_join_their_near_group(tmp_path):
+    img = _photo(7)
+    paths = [_save(img, tmp_path / "a.png"), _save(img, tmp_path / "b.png"), _save(img, tmp_path / "c.jpg")]
+    frame = _frame(paths, ["x"] * 3, ["train", "val", "test"])
+    found = find_duplicates(frame, max_distance=4)
+    assert [g["kind"] for g in found] == ["exact", "near"]
+    assert len(found[1]["paths"]) == 3 and len(found[1]["pairs"]) == 1  # one comparison per content
+
+
+def test_thousands_of_equal_hashes_do_not_blow_up(tmp_path, monkeypatch):
+    """1,600 files with one hash: 1.3 million candidate pairs, compared in chunks, output bounded."""
+    n = 1600
+    rng = np.random.default_rng(0)
+    flat = Image.new("RGB", (8, 8), (200, 200, 200))
+    buf = io.BytesIO()
+    flat.save(buf, "PNG")
+    path = _save(flat, tmp_path / "flat.png")
+    thumbs = {str(path): duplicates.thumbnail(flat)}
+    # each file decodes to the same flat picture or to noise; decoding is replaced, the search is not
+    noise = {f"n{k}.png": duplicates.thumbnail(Image.fromarray(rng.integers(0, 256, (8, 8, 3), np.uint8)))
+             for k in range(n // 2)}  # fmt: skip
+    monkeypatch.setattr(
+        duplicates, "_thumbnails", lambda ps, _: np.stack([noise.get(p, thumbs[str(path)]) for p in ps])
+    )
+    names = [f"f{k}.png" for k in range(n - len(noise))] + list(noise)
+    frame = pd.DataFrame(
+        {"path": names, "label": "x", "split": "train", "sha256": [f"{k:064x}" for k in range(n)],
+         "phash": "8000000000000000", "width": 8, "height": 8, "mode": "RGB"}
+    )  # fmt: skip
+    start = time.perf_counter()
+    found = find_duplicates(frame, max_distance=0)
+    assert time.perf_counter() - start < 30
+    near = [g for g in found if g["kind"] == "near"]
+    assert len(near) == 1 and len(near[0]["paths"]) == n - len(noise)
+    assert len(near[0]["pairs"]) == duplicates.PAIRS_PER_GROUP
+    assert len([g for g in found if g["kind"] == "similar"]) == duplicates.MAX_SIMILAR
+
+
+def test_member_pairs_walks_a_big_group_in_chunks():
+    inverse = np.array([0] * 300 + [1, 2, 2])
+    chunks = list(duplicates._member_pairs(inverse, np.array([[0, 1]]), chunk=1000))
+    pairs = np.concatenate(chunks)
+    assert max(len(c) for c in chunks) <= 1000
+    assert len(pairs) == 300 * 299 // 2 + 300 + 1 == len({tuple(p) for p in pairs.tolist()})
+    assert (pairs[:, 0] < pairs[:, 1]).all()
