@@ -45,7 +45,9 @@ class ValidateConfig(Section):
     max_imbalance_ratio: float = Field(20.0, ge=1)  # largest class / smallest class, in images
     max_label_issue_fraction: float = Field(0.1, ge=0, le=1)  # share of images the audit flags
     allow_leakage: bool = False  # val/test images with an exact or near duplicate in train
-    near_duplicate_distance: int = Field(0, ge=0, le=64)  # perceptual-hash bits that may differ
+    near_duplicate_distance: int = Field(6, ge=0, le=64)  # pHash bits a candidate pair may differ in
+    # a candidate is confirmed when its standardized 16×16 grayscale thumbnails differ by at most this
+    near_duplicate_pixel_distance: float = Field(0.08, ge=0)
     label_audit: bool = True
     audit_folds: int = Field(5, ge=2)
     classes: list[str] | None = None  # the known labels; any other label is a schema error

@@ -36,8 +36,28 @@ def validation_markdown(report: dict, max_rows: int = 50) -> str:
     lines += ["", f"## Quarantined images ({len(report['quarantined'])})", ""]
     lines += [f"- `{q['path']}`: {q['reason']}" for q in report["quarantined"][:max_rows]] or ["None."]
 
-    dups = report["duplicates"]
-    lines += ["", f"## Duplicates ({len(dups)} groups) and leakage ({len(report['leakage'])} images)", ""]
+    lines += _duplicates_markdown(report, max_rows)
+
+    lines += _audit_markdown(report["label_audit"], report["label_issues"], max_rows)
+
+    lines += ["", f"## Schema errors ({len(report['schema_errors'])})", ""]
+    lines += [
+        f"- row {e['row']} `{e['path']}`: column {e['column']}: {e['check']} (value {e['value']!r})"
+        for e in report["schema_errors"][:max_rows]
+    ] or ["None."]
+    return "\n".join(lines) + "\n"
+
+
+def _duplicates_markdown(report: dict, max_rows: int) -> list[str]:
+    """Duplicates (exact, confirmed near), leakage, and the similar pairs that were not confirmed."""
+    dups, similar, thumbs = report["duplicates"], report["similar_pairs"], report["duplicate_thumbnails"]
+    lines = ["", f"## Duplicates ({len(dups)} groups) and leakage ({len(report['leakage'])} images)", ""]
+    lines.append(
+        "Exact: same SHA-256. Near: perceptual hashes within "
+        f"{report['thresholds']['near_duplicate_distance']} bits, confirmed by a pixel distance ≤ "
+        f"{report['thresholds']['near_duplicate_pixel_distance']:g} (validate.near_duplicate_pixel_distance)."
+    )
+    lines.append("")
     if dups:
         rows = [
             [
@@ -51,21 +71,36 @@ def validation_markdown(report: dict, max_rows: int = 50) -> str:
         lines += _table(["kind", "files", "labels", "splits"], rows)
     else:
         lines.append("None.")
+    if thumbs.get("near"):
+        lines += ["", f"![near duplicates]({thumbs['near']})"]
     if report["leakage"]:
         lines += ["", "Val/test images that also appear in train:", ""]
         lines += [
             f"- `{leak['path']}` ({leak['split']}, {leak['kind']}) ~ `{leak['train_paths'][0]}`"
             for leak in report["leakage"][:max_rows]
         ]
-
-    lines += _audit_markdown(report["label_audit"], report["label_issues"], max_rows)
-
-    lines += ["", f"## Schema errors ({len(report['schema_errors'])})", ""]
-    lines += [
-        f"- row {e['row']} `{e['path']}`: column {e['column']}: {e['check']} (value {e['value']!r})"
-        for e in report["schema_errors"][:max_rows]
-    ] or ["None."]
-    return "\n".join(lines) + "\n"
+    lines += ["", f"### Similar pairs, not duplicates ({len(similar)})", ""]
+    if not similar:
+        return [*lines, "None."]
+    lines.append(
+        "Their hashes matched but their pixels differ by more than the confirmation cut, so they "
+        "count neither as duplicates nor as leakage. Listed closest first, for a person to check."
+    )
+    if thumbs.get("similar"):
+        lines += ["", f"![similar pairs]({thumbs['similar']})"]
+    lines.append("")
+    rows = [
+        [
+            " ↔ ".join(f"`{p}`" for p in pair["paths"]),
+            " / ".join(pair["labels"]) + (" ⚠️" if d["conflicting_labels"] else ""),
+            " / ".join(pair["splits"]),
+            pair["phash_distance"],
+            f"{pair['pixel_distance']:.3f}",
+        ]
+        for d in similar[:max_rows]
+        for pair in d["pairs"]
+    ]
+    return lines + _table(["files", "labels", "splits", "hash bits", "pixel distance"], rows)
 
 
 def _audit_markdown(audit: dict, issues: list[dict], max_rows: int) -> list[str]:

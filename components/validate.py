@@ -17,7 +17,7 @@ import pandera.errors
 
 from . import manifest
 from .config import ValidateConfig
-from .duplicates import find_duplicates, leakage
+from .duplicates import find_duplicates, leakage, pair_thumbnails
 from .errors import VisiontuneError
 
 
@@ -33,7 +33,8 @@ class ValidateResult:
     report: str
     n_images: int
     n_quarantined: int
-    n_duplicate_groups: int
+    n_duplicate_groups: int  # exact and confirmed near groups
+    n_similar_pairs: int  # hash candidates the pixel check did not confirm
     n_leaked: int
     n_label_issues: int
 
@@ -81,6 +82,28 @@ def _balance(frame: pd.DataFrame, cfg: ValidateConfig) -> tuple[dict, dict]:
     return class_counts, balance
 
 
+def _duplicates(frame: pd.DataFrame, cfg: ValidateConfig, out: Path) -> dict:
+    """The report's duplicate sections: exact and confirmed near groups, similar (unconfirmed)
+    pairs, the val/test images leaked from train, and side-by-side thumbnails of each kind."""
+    found = find_duplicates(
+        frame, cfg.near_duplicate_distance, cfg.near_duplicate_pixel_distance, cfg.max_pixels
+    )
+    duplicates = [d for d in found if d["kind"] != "similar"]
+    similar = [d for d in found if d["kind"] == "similar"]  # a person looks; the gate does not count them
+    for stale in ("near_duplicates.png", "similar_pairs.png"):  # a rerun may find none of a kind
+        (out / stale).unlink(missing_ok=True)
+    thumbnails = {
+        "near": pair_thumbnails(duplicates, out / "near_duplicates.png", "Near duplicates (confirmed)"),
+        "similar": pair_thumbnails(similar, out / "similar_pairs.png", "Similar pairs (not duplicates)"),
+    }
+    return {
+        "duplicates": duplicates,
+        "similar_pairs": similar,
+        "duplicate_thumbnails": {kind: path.name if path else None for kind, path in thumbnails.items()},
+        "leakage": leakage(duplicates, frame),
+    }
+
+
 def _gate(cfg: ValidateConfig, report: dict, frame: pd.DataFrame) -> tuple[list[str], list[str]]:
     """(failures, warnings): each failure names the check, its figure and its threshold."""
     failures, warnings = [], []
@@ -119,12 +142,24 @@ def _gate(cfg: ValidateConfig, report: dict, frame: pd.DataFrame) -> tuple[list[
         )
     if report["quarantined"]:
         warnings.append(f"integrity: {len(report['quarantined'])} unreadable image(s) quarantined")
-    conflicts = [d for d in report["duplicates"] if d["conflicting_labels"]]
-    if conflicts:
-        warnings.append(f"duplicates: {len(conflicts)} group(s) of identical images carry different labels")
-    for key in ("missing_from_val", "missing_from_test"):
-        if balance[key]:
-            warnings.append(f"balance: class(es) {', '.join(balance[key])} {key.replace('_', ' ')}")
+    for kind, what in (("exact", "identical files"), ("near", "near-identical images")):
+        conflicts = [d for d in report["duplicates"] if d["kind"] == kind and d["conflicting_labels"]]
+        if conflicts:
+            warnings.append(f"duplicates: {len(conflicts)} group(s) of {what} carry different labels")
+    unsure = [d for d in report["similar_pairs"] if d["conflicting_labels"]]
+    if unsure:
+        warnings.append(
+            f"duplicates: {len(unsure)} similar pair(s) under different labels (equal-looking hashes, "
+            "pixels differ: not counted as duplicates); check them in similar_pairs.png"
+        )
+    for split, consequence in (("val", "early stopping cannot see them"), ("test", "they are not scored")):
+        missing = balance[f"missing_from_{split}"]
+        if missing:
+            warnings.append(
+                f"balance: class(es) {', '.join(missing)} have no {split} images, so {consequence}; "
+                f"add images (a class of 6 × data.min_eval_per_class gets that many {split} images) "
+                f"or give this class {split} rows in a CSV source's split column"
+            )
     if audit["status"] != "ran" and audit.get("reason"):
         warnings.append(f"label audit skipped: {audit['reason']}")
     return failures, warnings
@@ -146,8 +181,7 @@ def validate(
     quarantined = json.loads(quarantine_path.read_text()) if quarantine_path.exists() else []
     schema_errors = _schema_errors(frame, manifest_path, cfg.classes)
     class_counts, balance = _balance(frame, cfg)
-    duplicates = find_duplicates(frame, cfg.near_duplicate_distance)
-    leaks = leakage(duplicates, frame)
+    dups = _duplicates(frame, cfg, out)
     if cfg.label_audit:
         from .audit import label_audit
 
@@ -162,8 +196,7 @@ def validate(
         "balance": balance,
         "quarantined": quarantined,
         "schema_errors": schema_errors,
-        "duplicates": duplicates,
-        "leakage": leaks,
+        **dups,
         "label_audit": audit["section"],
         "label_issues": audit["issues"],
         "thresholds": cfg.model_dump(),
@@ -182,8 +215,9 @@ def validate(
         report=str(report_path),
         n_images=len(frame),
         n_quarantined=len(quarantined),
-        n_duplicate_groups=len(duplicates),
-        n_leaked=len(leaks),
+        n_duplicate_groups=len(dups["duplicates"]),
+        n_similar_pairs=len(dups["similar_pairs"]),
+        n_leaked=len(dups["leakage"]),
         n_label_issues=len(audit["issues"]),
     )
     if failures and cfg.on_fail == "error":

@@ -207,7 +207,8 @@ def audit(
         result = run_validate(check, out / "prepare", out, size, config.base.seed, out / "cache")
     typer.echo(
         f"{prepared.n_images} images, {len(prepared.classes)} classes: {result.n_quarantined} quarantined, "
-        f"{result.n_duplicate_groups} duplicate groups, {result.n_leaked} leaked into val/test, "
+        f"{result.n_duplicate_groups} duplicate groups ({result.n_similar_pairs} similar pairs not counted), "
+        f"{result.n_leaked} leaked into val/test, "
         f"{result.n_label_issues} suspected label errors"
     )
     for line in result.failures:

@@ -120,7 +120,7 @@ def test_every_planted_problem_is_reported(planted):
     assert not result.passed
     assert any(f.startswith("min_per_class") for f in result.failures)
     assert any(f.startswith("leakage: 1 val/test image") for f in result.failures)
-    assert any("identical images carry different labels" in w for w in result.warnings)
+    assert any("identical files carry different labels" in w for w in result.warnings)
     assert "## Label audit" in (tmp_path / "val" / "report.md").read_text()
 
     # nothing lost or changed: every listed file is in the manifest or quarantined
@@ -203,3 +203,79 @@ def test_label_audit_finds_planted_label_errors(tmp_path):
     first = report["label_issues"][0]
     assert set(first) >= {"path", "given_label", "suggested_label", "score"}
     assert (tmp_path / "val" / "label_issues.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _csv(tmp_path, rows) -> object:
+    csv_path = tmp_path / "labels.csv"
+    pd.DataFrame(rows, columns=["path", "label", "split"]).to_csv(csv_path, index=False)
+    return csv_path
+
+
+def _digit_rows(tmp_path, per_class=12):
+    root = write_digits(tmp_path / "data", classes=(0, 1), per_class=per_class)
+    return [
+        {
+            "path": p.relative_to(tmp_path).as_posix(),
+            "label": p.parent.name,
+            "split": ("train", "val", "test")[i % 3],
+        }
+        for i, p in enumerate(sorted(root.rglob("*.png")))
+    ]
+
+
+def test_equal_hashes_of_different_pictures_do_not_fail_the_gate(tmp_path):
+    """Two distinct pictures with one pHash, under two labels, in train and test: a similar pair
+    (warned, shown) but neither a duplicate nor leakage."""
+    from test_duplicates import _equal_hash_pair
+
+    from visiontune.components.duplicates import perceptual_hash
+
+    a, b = _equal_hash_pair()
+    assert perceptual_hash(a) == perceptual_hash(b)
+    (tmp_path / "odd").mkdir()
+    a.save(tmp_path / "odd" / "a.png")
+    b.save(tmp_path / "odd" / "b.png")
+    rows = _digit_rows(tmp_path) + [
+        {"path": "odd/a.png", "label": "0", "split": "train"},
+        {"path": "odd/b.png", "label": "1", "split": "test"},
+    ]
+    _prepare(_csv(tmp_path, rows), tmp_path / "prep")
+    result = _validate(tmp_path / "prep", tmp_path / "val", label_audit=False)
+    report = json.loads((tmp_path / "val" / "report.json").read_text())
+    assert result.passed and not report["leakage"] and result.n_leaked == 0
+    assert not any(d["kind"] == "near" for d in report["duplicates"])
+    pair = next(
+        d for d in report["similar_pairs"] if {p.split("/")[-1] for p in d["paths"]} == {"a.png", "b.png"}
+    )
+    assert pair["conflicting_labels"] and pair["pairs"][0]["phash_distance"] == 0
+    assert any("similar pair(s) under different labels" in w for w in result.warnings)
+    assert (tmp_path / "val" / "similar_pairs.png").stat().st_size > 0
+    assert "### Similar pairs, not duplicates" in (tmp_path / "val" / "report.md").read_text()
+
+
+def test_a_reencoded_copy_in_test_is_confirmed_and_fails_the_leakage_gate(tmp_path):
+    rows = _digit_rows(tmp_path)
+    photo = _photo((96, 80), seed=7).resize((48, 40)).resize((96, 80))  # smooth enough to survive JPEG
+    (tmp_path / "dup").mkdir()
+    photo.save(tmp_path / "dup" / "original.png")
+    photo.save(tmp_path / "dup" / "copy.jpg", quality=80)
+    rows += [
+        {"path": "dup/original.png", "label": "0", "split": "train"},
+        {"path": "dup/copy.jpg", "label": "0", "split": "test"},
+    ]
+    _prepare(_csv(tmp_path, rows), tmp_path / "prep")
+    with pytest.raises(GateFailed, match="leakage: 1 val/test image"):
+        _validate(tmp_path / "prep", tmp_path / "val", label_audit=False)
+    report = json.loads((tmp_path / "val" / "report.json").read_text())
+    assert [(x["path"].split("/")[-1], x["kind"]) for x in report["leakage"]] == [("copy.jpg", "near")]
+    assert report["duplicate_thumbnails"]["near"] == "near_duplicates.png"
+
+
+def test_a_class_without_test_images_is_a_warning_naming_it_and_the_fix(tmp_path):
+    rows = [{**r, "split": "train" if r["label"] == "1" and r["split"] == "test" else r["split"]}
+            for r in _digit_rows(tmp_path)]  # fmt: skip
+    _prepare(_csv(tmp_path, rows), tmp_path / "prep")
+    result = _validate(tmp_path / "prep", tmp_path / "val", label_audit=False)
+    warning = next(w for w in result.warnings if "no test images" in w)
+    assert warning.startswith("balance: class(es) 1 have no test images, so they are not scored")
+    assert "data.min_eval_per_class" in warning and "split column" in warning
