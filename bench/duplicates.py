@@ -7,9 +7,9 @@ planted (one edited copy per picked original, the edit cycling through JPEG re-e
 60–95, resizing 50–200 %, cropping up to 5 % of each side, brightness ±10 % and a format change to
 WebP/JPEG/BMP), and distinct pairs are every pair of different originals of one class (up to 100k).
 It prints the separation of each candidate confirming measure (planted vs distinct), precision and
-recall of find_duplicates at its defaults on the planted pairs, the confirmed near duplicates among
-the distinct originals alone, recall and false confirmations over a grid of (distance, threshold),
-and the search time on random hashes.
+recall of find_duplicates at its defaults (plain and crop-aligned confirmation) on the planted pairs,
+the confirmed near duplicates among the distinct originals alone, recall and false confirmations of
+the plain comparison alone over a grid of (distance, threshold), and the search time on random hashes.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import pandas as pd
 from PIL import Image, ImageEnhance
 from real_data import DATASETS
 
-from visiontune.components import duplicates, images
+from visiontune.components import duplicates, hash_search, images
 
 KINDS = ("jpeg", "resize", "crop", "brightness", "format")
 DEFAULT_DISTANCE = 6  # the default this benchmark argues for (validate.near_duplicate_distance)
@@ -157,7 +157,8 @@ def one_dataset(name: str, work: Path, n_planted: int, use_embedding: bool, seed
     correct = sum(root_of[a] == root_of[b] for a, b in confirmed)
     precision = correct / len(confirmed) if confirmed else 1.0
     print(
-        f"  detector (distance {DEFAULT_DISTANCE}, pixel {duplicates.PIXEL_DISTANCE}): precision "
+        f"  detector (distance {DEFAULT_DISTANCE}, pixel {duplicates.PIXEL_DISTANCE}; crops within "
+        f"{duplicates.CROP_DISTANCE} bits, aligned {duplicates.ALIGNED_DISTANCE}): precision "
         f"{precision:.3f} ({correct}/{len(confirmed)} confirmed pairs), recall {hits.mean():.3f}; by edit: "
         + ", ".join(f"{k} {hits[np.array(kinds) == k].mean():.2f}" for k in KINDS)
     )
@@ -171,16 +172,16 @@ def one_dataset(name: str, work: Path, n_planted: int, use_embedding: bool, seed
 
     # recall and false confirmations over (distance, threshold): all pairs of distinct originals
     hashes = np.array([int(h, 16) for h in originals["phash"]], dtype=np.uint64)
-    pairs = duplicates.hash_pairs(np.unique(hashes), max(GRID_D))  # hashes here are distinct values
+    pairs = hash_search.hash_pairs(np.unique(hashes), max(GRID_D))  # hashes here are distinct values
     assert len(np.unique(hashes)) == len(hashes), "equal hashes among originals: grid needs member pairs"
     index = {int(h): k for k, h in enumerate(np.unique(hashes))}
     back = np.array([index[int(h)] for h in hashes])
     order = np.argsort(back)
     a, b = order[pairs[:, 0]], order[pairs[:, 1]]
     view = views["pixel (standardized MAD, 16 px)"]
-    neg_hash = duplicates.popcount(hashes[a] ^ hashes[b])
+    neg_hash = hash_search.popcount(hashes[a] ^ hashes[b])
     neg_pixel = distance("pixel", view[a], view[b])
-    pos_hash = duplicates.popcount(
+    pos_hash = hash_search.popcount(
         hashes[picks] ^ np.array([int(h, 16) for h in planted["phash"]], np.uint64)
     )
     pos_pixel = distance("pixel", view[picks], copy_views["pixel (standardized MAD, 16 px)"])
@@ -207,8 +208,8 @@ def grid_table(results: dict[str, dict]) -> None:
 
 
 def timing(sizes: list[int], seed: int) -> None:
-    print(f"\nhash search (multi-index, {duplicates.popcount.__name__}; random 64-bit hashes), seconds")
-    distances = (0, 4, DEFAULT_DISTANCE, 8, 10)
+    print(f"\nhash search (multi-index, {hash_search.popcount.__name__}; random 64-bit hashes), seconds")
+    distances = (0, 4, DEFAULT_DISTANCE, 8, 10, duplicates.CROP_DISTANCE)  # the search runs at the larger
     print(
         f"{'images':>8} "
         + " ".join(f"{'d=' + str(d):>8}" for d in distances)
@@ -222,7 +223,7 @@ def timing(sizes: list[int], seed: int) -> None:
         for d in distances:
             start = time.perf_counter()
             unique = np.unique(values)
-            pairs = duplicates.hash_pairs(unique, d)
+            pairs = hash_search.hash_pairs(unique, d)
             cells.append(f"{time.perf_counter() - start:8.2f}")
             found = len(pairs) if d == DEFAULT_DISTANCE else found
         print(f"{n:>8} " + " ".join(cells) + f" {found:>13}")

@@ -4,18 +4,17 @@ confirmed by a pixel comparison).
 A perceptual-hash match is only a candidate: on small, low-detail images different pictures can
 share a hash. Each candidate pair is confirmed by its pixel distance (16×16 grayscale thumbnails,
 each standardized to zero mean and unit contrast, mean absolute difference); pairs that fail are
-reported as "similar" and never count as leakage. The hash search uses multi-index hashing (the
-64 bits split into bands; pairs within d bits share a band exactly or within d // bands bits), so
-it is not all-pairs. Imported by the validate stage; runs nothing.
+reported as "similar" and never count as leakage. A crop moves content by up to a thumbnail pixel,
+so pairs within CROP_DISTANCE bits of images at least ALIGN_MIN_SIDE px get a second chance: the
+least distance between one image and 49 crops of the other (either way) must be small, much smaller
+than the plain one, and the raw brightness and contrast must agree. The hash search
+(hash_search.py) is not all-pairs. Imported by the validate stage; runs nothing.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from itertools import combinations
-from math import comb
 from pathlib import Path
 
 import numpy as np
@@ -23,14 +22,20 @@ import pandas as pd
 from PIL import Image
 
 from . import images
+from .hash_search import hash_pairs, member_pairs, popcount
 
 THUMB = 16  # px: thumbnail side compared when confirming a candidate pair
 CONTRAST_FLOOR = 0.02  # std floor (white = 1): a flat image is not stretched into noise
 PIXEL_DISTANCE = 0.08  # default confirmation cut, in standard deviations of thumbnail brightness
+CROP_DISTANCE = 12  # default hash bits within which a pair may be confirmed as a crop (aligned comparison)
+ALIGN_ZOOMS = (0.975, 0.95)  # crop sides tried per axis (fraction kept), each at three anchors
+ALIGNED_DISTANCE = 0.15  # confirmation cut for the best-aligned crop view (same units as PIXEL_DISTANCE)
+ALIGN_GAIN = 0.7  # a crop's aligned distance is at most this share of its plain distance
+ALIGN_MIN_SIDE = 20  # px: below this a 5 % crop moves less than a pixel, so alignment only adds risk
+TONE_MEAN, TONE_CONTRAST = 0.1, 0.35  # a crop keeps brightness (white = 1) and log contrast this close
+MAX_ALIGNED = 10_000  # failed candidate pairs given the aligned comparison, closest first
 PAIRS_PER_GROUP = 50  # confirmed pairs listed per near group, weakest first
 MAX_SIMILAR = 200  # unconfirmed candidate pairs reported, closest first
-CHUNK = 1 << 16  # candidate pairs compared at a time (two 16 MiB gathers)
-_BITS = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 
 
 def perceptual_hash(img: Image.Image) -> str:
@@ -40,99 +45,45 @@ def perceptual_hash(img: Image.Image) -> str:
     return str(imagehash.phash(img))
 
 
-def popcount(x: np.ndarray) -> np.ndarray:
-    """Set bits of each uint64 (a byte lookup table where numpy has no bitwise_count)."""
-    x = np.ascontiguousarray(x, dtype=np.uint64)
-    if hasattr(np, "bitwise_count"):  # NumPy ≥ 2
-        return np.bitwise_count(x).astype(np.int64)
-    return _BITS[x.reshape(-1).view(np.uint8)].reshape(*x.shape, 8).sum(-1, dtype=np.int64)
-
-
-def _band_count(n: int, max_distance: int) -> int:
-    """Bands that minimize the expected probes × bucket size for n random hashes (≤ 22-bit bands)."""
-
-    def cost(m: int) -> float:
-        width, r = 64 // m, max_distance // m
-        probes = sum(comb(width, k) for k in range(r + 1))
-        return m * n * probes * (1 + n / 2**width)
-
-    return min(range(3, min(max_distance + 1, 16) + 1), key=cost, default=3)
-
-
-def hash_pairs(values: np.ndarray, max_distance: int) -> np.ndarray:
-    """Index pairs (i < j), shape (k, 2), of distinct uint64 hashes within max_distance bits.
-
-    Multi-index hashing: with m bands, a pair within d bits differs in at most d // m bits in
-    some band, so each hash probes its band values with up to d // m bits flipped in a dense
-    per-band table; only the probed matches are compared in full.
-    """
-    values = np.ascontiguousarray(values, dtype=np.uint64)
-    n = len(values)
-    if max_distance <= 0 or n < 2:
-        return np.empty((0, 2), dtype=np.int64)
-    bands = _band_count(n, max_distance)
-    radius = max_distance // bands
-    edges = np.linspace(0, 64, bands + 1).astype(int)
-    found = []
-    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
-        width = int(hi - lo)
-        band = ((values >> np.uint64(lo)) & np.uint64((1 << width) - 1)).astype(np.int64)
-        order = np.argsort(band, kind="stable")
-        counts = np.bincount(band, minlength=1 << width)
-        starts = np.cumsum(counts) - counts
-        masks = np.array(
-            [sum(1 << b for b in bits) for k in range(radius + 1) for bits in combinations(range(width), k)],
-            dtype=np.int64,
-        )
-        step = max(1, (1 << 20) // len(masks))  # about a million probes at a time
-        for first in range(0, n, step):
-            src = np.arange(first, min(first + step, n))
-            probes = (band[src, None] ^ masks[None, :]).ravel()
-            hits = counts[probes]
-            total = int(hits.sum())
-            if not total:
-                continue
-            src = np.repeat(np.repeat(src, len(masks)), hits)
-            offset = np.arange(total) - np.repeat(np.cumsum(hits) - hits, hits)
-            dst = order[np.repeat(starts[probes], hits) + offset]
-            keep = src < dst
-            src, dst = src[keep], dst[keep]
-            near = popcount(values[src] ^ values[dst]) <= max_distance
-            found.append(src[near] * n + dst[near])
-    keys = np.unique(np.concatenate(found)) if found else np.empty(0, dtype=np.int64)
-    return np.stack(np.divmod(keys, n), axis=1)
-
-
-def _member_pairs(inverse: np.ndarray, value_pairs: np.ndarray, chunk: int = CHUNK) -> Iterator[np.ndarray]:
-    """Item pairs (i < j) whose hash values form a value pair or are equal, at most `chunk` at a time.
-
-    Each value pair (u, v) stands for counts[u] × counts[v] item pairs, numbered consecutively,
-    so a value shared by thousands of items is walked in chunks instead of materialized at once.
-    """
-    order = np.argsort(inverse, kind="stable")
-    counts = np.bincount(inverse)
-    starts = np.cumsum(counts) - counts
-    shared = np.flatnonzero(counts > 1)
-    pairs = np.concatenate([value_pairs.reshape(-1, 2), np.stack([shared, shared], axis=1)])
-    u, v = pairs[:, 0], pairs[:, 1]
-    sizes = counts[u] * counts[v]
-    ends = np.cumsum(sizes)
-    total = int(ends[-1]) if len(ends) else 0
-    for first in range(0, total, chunk):
-        t = np.arange(first, min(first + chunk, total))
-        k = np.searchsorted(ends, t, side="right")
-        a, b = np.divmod(t - (ends[k] - sizes[k]), counts[v[k]])
-        i, j = order[starts[u[k]] + a], order[starts[v[k]] + b]
-        keep = (u[k] != v[k]) | (a < b)  # an equal value: each unordered pair once
-        yield np.stack([np.minimum(i, j), np.maximum(i, j)], axis=1)[keep]
-
-
 def thumbnail(img: Image.Image) -> np.ndarray:
     """The confirmation view of an image: THUMB×THUMB grayscale, zero mean, unit contrast (float32)."""
     gray = img.convert("L").resize((THUMB, THUMB), Image.Resampling.BILINEAR)
-    t = np.asarray(gray, dtype=np.float32).ravel() / 255.0
-    t -= t.mean()
-    return t / max(float(t.std()), CONTRAST_FLOOR)
+    return _standardize(np.asarray(gray, dtype=np.float32).ravel() / 255.0)
+
+
+def _standardize(t: np.ndarray) -> np.ndarray:
+    t = t - t.mean(axis=-1, keepdims=True)
+    return t / np.maximum(t.std(axis=-1, keepdims=True), CONTRAST_FLOOR)
+
+
+def crop_views(img: Image.Image) -> tuple[np.ndarray, np.ndarray]:
+    """(standardized thumbnails of the whole image and of its crops (K, THUMB²), raw brightness and contrast).
+
+    The crops keep each zoom of ALIGN_ZOOMS per axis (or the whole axis) at the start, middle or
+    end of that axis: 7 × 7 views, the whole image first; the image is first reduced to about
+    4 × THUMB px so that each view costs the same for any image size.
+    """
+    gray = img.convert("L")
+    factor = max(1, min(gray.size) // (4 * THUMB))
+    gray = gray.reduce(factor) if factor > 1 else gray
+    spans = [(0.0, 1.0)] + [(a * (1 - z), a * (1 - z) + z) for z in ALIGN_ZOOMS for a in (0.0, 0.5, 1.0)]
+    w, h = gray.size
+    views = [
+        np.asarray(
+            gray.resize((THUMB, THUMB), Image.Resampling.BILINEAR, box=(x0 * w, y0 * h, x1 * w, y1 * h))
+        )
+        for y0, y1 in spans
+        for x0, x1 in spans
+    ]
+    raw = np.stack(views).reshape(len(views), -1).astype(np.float32) / 255.0
+    return _standardize(raw).astype(np.float32), np.array([raw[0].mean(), raw[0].std()], dtype=np.float32)
+
+
+def aligned_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Least pixel distance between either image's whole view and the other's crop views ((n, K, THUMB²))."""
+    return np.minimum(
+        np.abs(a[:, :1] - b).mean(axis=-1).min(axis=1), np.abs(b[:, :1] - a).mean(axis=-1).min(axis=1)
+    )
 
 
 def pixel_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -148,15 +99,24 @@ def _thumbnails(paths: list[str], max_pixels: int) -> np.ndarray:
 
 
 def _confirm(
-    hashes: np.ndarray, paths: list[str], max_distance: int, threshold: float, max_pixels: int
+    hashes: np.ndarray,
+    paths: list[str],
+    sides: np.ndarray,
+    max_distance: int,
+    crop_distance: int,
+    threshold: float,
+    max_pixels: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(confirmed pairs, their pixel distances, closest unconfirmed pairs, their distances).
 
-    Candidates are item pairs within max_distance hash bits; only the images in some candidate
-    pair are decoded.
+    Candidates are item pairs within max(max_distance, crop_distance) hash bits; only the images
+    in some candidate pair are decoded. A pair within max_distance bits is confirmed by its plain
+    pixel distance; the closest MAX_ALIGNED that fail, within crop_distance bits and with both
+    images at least ALIGN_MIN_SIDE px, get the aligned comparison (_confirm_crops). Unconfirmed
+    pairs are those within max_distance bits.
     """
     values, inverse = np.unique(hashes, return_inverse=True)
-    value_pairs = hash_pairs(values, max_distance)
+    value_pairs = hash_pairs(values, max(max_distance, crop_distance))
     counts = np.bincount(inverse, minlength=len(values))
     involved_values = np.zeros(len(values), dtype=bool)
     involved_values[value_pairs.ravel()] = True
@@ -167,15 +127,67 @@ def _confirm(
     thumbs = _thumbnails([paths[i] for i in involved], max_pixels)
     kept = [[np.empty((0, 2), dtype=np.int64)], [np.empty(0, dtype=np.float32)]]
     failed = [np.empty((0, 2), dtype=np.int64), np.empty(0, dtype=np.float32)]
-    for pairs in _member_pairs(inverse, value_pairs):
+    crops = [np.empty((0, 2), dtype=np.int64), np.empty(0, dtype=np.float32)]
+    for pairs in member_pairs(inverse, value_pairs):
         dist = pixel_distance(thumbs[row[pairs[:, 0]]], thumbs[row[pairs[:, 1]]])
-        ok = dist <= threshold
+        bits = popcount(hashes[pairs[:, 0]] ^ hashes[pairs[:, 1]])
+        ok = (dist <= threshold) & (bits <= max_distance)
         kept[0].append(pairs[ok])
         kept[1].append(dist[ok])
-        fp, fd = np.concatenate([failed[0], pairs[~ok]]), np.concatenate([failed[1], dist[~ok]])
+        fail = ~ok & (bits <= max_distance)
+        fp, fd = np.concatenate([failed[0], pairs[fail]]), np.concatenate([failed[1], dist[fail]])
         closest = np.argsort(fd, kind="stable")[: 10 * MAX_SIMILAR]  # enough to survive the group filter
         failed = [fp[closest], fd[closest]]
-    return np.concatenate(kept[0]), np.concatenate(kept[1]), failed[0], failed[1]
+        big = (sides[pairs[:, 0]] >= ALIGN_MIN_SIDE) & (sides[pairs[:, 1]] >= ALIGN_MIN_SIDE)
+        try_crop = ~ok & (bits <= crop_distance) & big
+        cp, cd = np.concatenate([crops[0], pairs[try_crop]]), np.concatenate([crops[1], dist[try_crop]])
+        closest = np.argsort(cd, kind="stable")[:MAX_ALIGNED]
+        crops = [cp[closest], cd[closest]]
+    crop_pairs, crop_dist = _confirm_crops(*crops, paths, max_pixels)
+    confirmed = np.concatenate([*kept[0], crop_pairs])
+    dist = np.concatenate([*kept[1], crop_dist])
+    if len(crop_pairs):  # a pair confirmed as a crop is no longer unconfirmed
+        n = len(hashes)
+        again = np.isin(failed[0][:, 0] * n + failed[0][:, 1], crop_pairs[:, 0] * n + crop_pairs[:, 1])
+        failed = [failed[0][~again], failed[1][~again]]
+    return confirmed, dist, failed[0], failed[1]
+
+
+def _confirm_crops(
+    pairs: np.ndarray, plain: np.ndarray, paths: list[str], max_pixels: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The pairs (and their aligned distances) that are crops of one another.
+
+    A pair is confirmed when the closest of its crop views (crop_views) is within ALIGNED_DISTANCE
+    of the other image, alignment cut its plain distance by at least 1 - ALIGN_GAIN (a distinct
+    picture rarely gains that much), and the two agree in raw brightness and contrast, which
+    standardized thumbnails ignore.
+    """
+    if not len(pairs):
+        return pairs, plain
+    images_, slot = np.unique(pairs, return_inverse=True)
+    slot = slot.reshape(-1, 2)
+    with ThreadPoolExecutor(max_workers=min(8, 2 * (os.cpu_count() or 1))) as pool:
+        views = list(
+            pool.map(lambda i: crop_views(images.load_image(paths[i], max_pixels)), images_.tolist())
+        )
+    stack = np.stack([v[0] for v in views])
+    tone = np.stack([v[1] for v in views])
+    aligned = np.concatenate(
+        [
+            aligned_distance(stack[slot[k : k + 256, 0]], stack[slot[k : k + 256, 1]])
+            for k in range(0, len(slot), 256)
+        ]
+    )
+    ta, tb = tone[slot[:, 0]], tone[slot[:, 1]]
+    contrast = np.abs(np.log(np.maximum(ta[:, 1], CONTRAST_FLOOR) / np.maximum(tb[:, 1], CONTRAST_FLOOR)))
+    ok = (
+        (aligned <= ALIGNED_DISTANCE)
+        & (aligned <= ALIGN_GAIN * plain)
+        & (np.abs(ta[:, 0] - tb[:, 0]) <= TONE_MEAN)
+        & (contrast <= TONE_CONTRAST)
+    )
+    return pairs[ok], aligned[ok].astype(np.float32)
 
 
 def _pair_record(frame: pd.DataFrame, i: int, j: int, hashes: np.ndarray, dist: float) -> dict:
@@ -194,11 +206,14 @@ def find_duplicates(
     max_distance: int,
     threshold: float = PIXEL_DISTANCE,
     max_pixels: int = images.DEFAULT_MAX_PIXELS,
+    crop_distance: int = CROP_DISTANCE,
 ) -> list[dict]:
     """Exact groups (same sha256), near groups (confirmed pHash candidates) and similar pairs.
 
     A candidate pair has hashes within max_distance bits (a negative distance turns near search
-    off); it is confirmed when its pixel distance is at most `threshold`. Near groups are the
+    off); it is confirmed when its pixel distance is at most `threshold`. A pair within
+    crop_distance bits may also be confirmed as a crop of the other by an aligned comparison
+    (_confirm_crops); its pixel distance is then the aligned one. Near groups are the
     connected components of confirmed pairs that join different files' contents, with every file
     of each content; candidates that fail confirmation come back one pair per "similar" entry,
     closest first (at most MAX_SIMILAR), unless a near group already holds both images.
@@ -227,8 +242,12 @@ def find_duplicates(
     reps = np.array(sorted(int(g[0]) for g in by_content.values()))  # one file per content
     hashes = np.array([int(h, 16) for h in frame["phash"]], dtype=np.uint64)
     paths = frame["path"].tolist()
+    if {"width", "height"} <= set(frame):
+        sides = np.minimum(frame["width"].to_numpy(), frame["height"].to_numpy())[reps]
+    else:  # sizes unknown: every pair may be a crop
+        sides = np.full(len(reps), ALIGN_MIN_SIDE)
     confirmed, dist, unconfirmed, udist = _confirm(
-        hashes[reps], [paths[i] for i in reps], max_distance, threshold, max_pixels
+        hashes[reps], [paths[i] for i in reps], sides, max_distance, crop_distance, threshold, max_pixels
     )
     n = len(reps)
     graph = coo_matrix((np.ones(len(confirmed)), (confirmed[:, 0], confirmed[:, 1])), shape=(n, n))

@@ -12,7 +12,8 @@ from PIL import Image
 from scipy.fft import dctn, idctn
 
 from visiontune.components import duplicates
-from visiontune.components.duplicates import find_duplicates, hash_pairs, leakage, pair_thumbnails, popcount
+from visiontune.components.duplicates import find_duplicates, leakage, pair_thumbnails
+from visiontune.components.hash_search import hash_pairs, member_pairs, popcount
 from visiontune.components.images import load_image, sha256_file
 
 
@@ -170,8 +171,21 @@ def test_thousands_of_equal_hashes_do_not_blow_up(tmp_path, monkeypatch):
 
 def test_member_pairs_walks_a_big_group_in_chunks():
     inverse = np.array([0] * 300 + [1, 2, 2])
-    chunks = list(duplicates._member_pairs(inverse, np.array([[0, 1]]), chunk=1000))
+    chunks = list(member_pairs(inverse, np.array([[0, 1]]), chunk=1000))
     pairs = np.concatenate(chunks)
     assert max(len(c) for c in chunks) <= 1000
     assert len(pairs) == 300 * 299 // 2 + 300 + 1 == len({tuple(p) for p in pairs.tolist()})
     assert (pairs[:, 0] < pairs[:, 1]).all()
+
+
+def test_five_percent_crop_is_confirmed_by_alignment_and_a_distinct_picture_is_not(tmp_path):
+    originals = [_photo(s) for s in (11, 12)]
+    paths = [_save(img, tmp_path / f"o{k}.png") for k, img in enumerate(originals)]
+    crop = _save(originals[0].crop((3, 1, 94, 94)), tmp_path / "crop.png")  # 5 px of 96 off each axis
+    frame = _frame([*paths, crop], ["x"] * 3, ["train", "train", "test"])
+    found = find_duplicates(frame, max_distance=6)
+    near = [g for g in found if g["kind"] == "near"]
+    assert [sorted(p.rsplit("/", 1)[1] for p in g["paths"]) for g in near] == [["crop.png", "o0.png"]]
+    (pair,) = near[0]["pairs"]
+    assert pair["pixel_distance"] <= duplicates.ALIGNED_DISTANCE
+    assert [x["path"].rsplit("/", 1)[1] for x in leakage(found, frame)] == ["crop.png"]
