@@ -28,9 +28,9 @@ TOLERANCE = 1e-4  # max weight difference, 1 vs 2 processes, after the same step
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    """36 digits of 3 classes, prepared and validated once (23 train images: batches 8, 8, 7)."""
+    """39 digits of 3 classes, prepared and validated once (21 train images: batches 8, 8, 5)."""
     root = tmp_path_factory.mktemp("ddp")
-    data = write_digits(root / "raw", per_class=12)
+    data = write_digits(root / "raw", per_class=13)
     params = tiny_params(data, validate={"label_audit": False})
     layout = stages.Layout(root / "prepared")
     stages.prepare(params, layout)
