@@ -49,6 +49,8 @@ class ValidateConfig(Section):
     # a candidate is confirmed when its standardized 16×16 grayscale thumbnails differ by at most this
     near_duplicate_pixel_distance: float = Field(0.08, ge=0)
     label_audit: bool = True
+    # beyond the estimated number of wrong labels, flag an image whose label is wrong with this probability
+    audit_flag_probability: float = Field(0.5, gt=0, le=1)
     audit_folds: int = Field(5, ge=2)
     classes: list[str] | None = None  # the known labels; any other label is a schema error
     on_fail: Literal["error", "warn"] = "error"

@@ -109,35 +109,43 @@ def _audit_markdown(audit: dict, issues: list[dict], max_rows: int) -> list[str]
     lines += ["", "## Label audit (cleanlab)", ""]
     if audit["status"] != "ran":
         lines.append(f"Not run: {audit.get('reason') or 'validate.label_audit is off'}.")
-    else:
-        lines.append(
-            f"{audit['flagged']} of {audit['images']} images ({audit['flagged_fraction']:.1%}) flagged. "
-            f"Out-of-sample probabilities from a {audit['folds']}-fold cross-validated classifier on "
-            f"pretrained features at {audit['image_size'] or 'native'} px; the classifier agreed with "
-            f"{audit['cv_accuracy_vs_given_labels']:.1%} of the given labels. "
-            "Score = label quality (low = likely wrong). Listed for review; nothing is changed."
-        )
-        if audit.get("thumbnails"):
-            lines += ["", f"![top suspects]({audit['thumbnails']})"]
-        if issues:
-            lines.append("")
-            rows = [
-                [i + 1, f"`{x['path']}`", x["given_label"], x["suggested_label"], f"{x['score']:.3f}"]
-                for i, x in enumerate(issues[:max_rows])
-            ]
-            lines += _table(["rank", "file", "given", "suggested", "score"], rows)
-        if audit["confused_pairs"]:
-            lines += ["", "Most confused class pairs:", ""]
-            rows = [
-                [" ↔ ".join(p["classes"]), p["examples"], f"{p['joint_probability']:.4f}"]
-                for p in audit["confused_pairs"]
-            ]
-            lines += _table(["classes", "overlapping examples", "joint probability"], rows)
-        if audit.get("not_audited"):
-            lines += [
-                "",
-                f"Not audited (fewer than {audit['folds']} images): {', '.join(audit['not_audited'])}.",
-            ]
+        return lines
+    lines.append(
+        f"{audit['flagged']} of {audit['images']} images ({audit['flagged_fraction']:.1%}) flagged. "
+        f"Out-of-sample probabilities from a {audit['folds']}-fold cross-validated classifier on "
+        f"pretrained features at {audit['image_size'] or 'native'} px; the classifier agreed with "
+        f"{audit['cv_accuracy_vs_given_labels']:.1%} of the given labels. A noise model fitted to them "
+        f"estimates that {audit['estimated_noise_rate']:.1%} of the labels "
+        f"(about {audit['estimated_label_errors']:.0f} images) were flipped to another class; classes "
+        "that overlap are told apart from wrong labels by a calibration temperature "
+        f"({audit['temperature']:.2f})."
+    )
+    if audit["flagged"]:
+        lines += [
+            "",
+            f"**Expected precision {audit['expected_precision']:.0%}**: about "
+            f"{audit['expected_precision'] * audit['flagged']:.0f} of the {audit['flagged']} flagged labels "
+            f"should be wrong, and they should hold {audit['expected_recall']:.0%} of the estimated wrong "
+            "labels (both from the fitted error probabilities). Listed for review; nothing is changed.",
+        ]
+    if audit.get("thumbnails"):
+        lines += ["", f"![top suspects]({audit['thumbnails']})"]
+    if issues:
+        lines.append("")
+        rows = [
+            [i + 1, f"`{x['path']}`", x["given_label"], x["suggested_label"], f"{x['error_probability']:.2f}"]
+            for i, x in enumerate(issues[:max_rows])
+        ]
+        lines += _table(["rank", "file", "given", "suggested", "P(label wrong)"], rows)
+    if audit["confused_pairs"]:
+        lines += ["", "Most confused class pairs:", ""]
+        rows = [
+            [" ↔ ".join(p["classes"]), p["examples"], f"{p['joint_probability']:.4f}"]
+            for p in audit["confused_pairs"]
+        ]
+        lines += _table(["classes", "overlapping examples", "joint probability"], rows)
+    if audit.get("not_audited"):
+        lines += ["", f"Not audited (fewer than {audit['folds']} images): {', '.join(audit['not_audited'])}."]
     return lines
 
 

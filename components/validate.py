@@ -185,7 +185,8 @@ def validate(
     if cfg.label_audit:
         from .audit import label_audit
 
-        audit = label_audit(frame, audit_size, cfg.audit_folds, seed, out, store or prepared.parent / "cache")
+        store = store or prepared.parent / "cache"
+        audit = label_audit(frame, audit_size, cfg.audit_folds, seed, out, store, cfg.audit_flag_probability)
     else:
         audit = {"section": {"status": "off", "reason": None}, "issues": []}
 

@@ -200,8 +200,12 @@ def test_label_audit_finds_planted_label_errors(tmp_path):
     truth = {rows[i]["path"] for i in flipped}
     assert len(flagged & truth) >= 5  # 160 images: recall ≥ 0.6 (the benchmark measures 1,797)
     assert len(flagged - truth) <= 3
+    audit = report["label_audit"]
+    measured = len(flagged & truth) / len(flagged)
+    assert abs(audit["expected_precision"] - measured) <= 0.25  # the report says what to expect
     first = report["label_issues"][0]
-    assert set(first) >= {"path", "given_label", "suggested_label", "score"}
+    assert set(first) >= {"path", "given_label", "suggested_label", "score", "error_probability"}
+    assert "Expected precision" in (tmp_path / "val" / "report.md").read_text()
     assert (tmp_path / "val" / "label_issues.png").read_bytes()[:4] == b"\x89PNG"
 
 

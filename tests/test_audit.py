@@ -1,0 +1,92 @@
+"""Label audit: planted flips are found with the precision the audit itself expects, and a clean set
+whose classes overlap is not flagged (the noise model tells overlap from wrong labels)."""
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from conftest import write_digits
+from visiontune.components.audit import find_issues, fit_noise, label_audit
+from visiontune.components.config import BaseConfig, DataConfig
+from visiontune.components.prepare import prepare
+
+
+def _prepared(root, tmp_path) -> pd.DataFrame:
+    prepare(DataConfig(source=str(root)), BaseConfig(), 10**8, tmp_path / "prep")
+    return pd.read_csv(tmp_path / "prep" / "manifest.csv", dtype=str, keep_default_na=False)
+
+
+def _flip(frame: pd.DataFrame, count: int, seed: int) -> set[str]:
+    """Move `count` labels to a uniformly chosen other class; returns their paths."""
+    rng = np.random.default_rng(seed)
+    classes = sorted(frame["label"].unique())
+    picks = rng.choice(len(frame), count, replace=False)
+    for i in picks:
+        frame.at[i, "label"] = rng.choice([c for c in classes if c != frame.at[i, "label"]])
+    return set(frame.loc[picks, "path"])
+
+
+def _blends(root, per_class: int = 40, patch: int = 32, seed: int = 0):
+    """Each image mixes brick, grass and gravel; its class is the texture with the largest weight,
+    often barely: labels right by construction, classes overlapping."""
+    from skimage import data
+
+    rng = np.random.default_rng(seed)
+    sources = {name: getattr(data, name)() for name in ("brick", "grass", "gravel")}
+    counts = dict.fromkeys(sources, 0)
+    while min(counts.values()) < per_class:
+        weights = rng.dirichlet([2.0, 2.0, 2.0])
+        label = list(sources)[int(weights.argmax())]
+        if counts[label] >= per_class:
+            continue
+        corners = rng.integers(0, 512 - patch, (3, 2))
+        parts = zip(weights, sources.values(), corners, strict=True)
+        mix = sum(w * img[y : y + patch, x : x + patch] for w, img, (y, x) in parts)
+        (root / label).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.round(mix).astype(np.uint8)).save(root / label / f"{sum(counts.values())}.png")
+        counts[label] += 1
+    return root
+
+
+def test_planted_flips_are_found_with_the_precision_the_audit_expects(tmp_path):
+    frame = _prepared(write_digits(tmp_path / "raw", classes=(0, 1, 2, 3, 4), per_class=40), tmp_path)
+    truth = _flip(frame, 10, seed=0)  # 5 %
+    result = label_audit(frame, 64, folds=5, seed=0, out=tmp_path, store=tmp_path / "cache")
+    section, flagged = result["section"], {x["path"] for x in result["issues"]}
+    precision, recall = len(flagged & truth) / len(flagged), len(flagged & truth) / len(truth)
+    assert precision >= 0.75 and recall >= 0.7, (precision, recall)
+    assert abs(section["expected_precision"] - precision) <= 0.25
+    assert 0.02 <= section["estimated_noise_rate"] <= 0.1
+    assert section["flagged_fraction"] == len(flagged) / len(frame)
+    errors = [x["error_probability"] for x in result["issues"]]
+    assert errors == sorted(errors, reverse=True)  # most likely wrong first
+
+
+def test_clean_overlapping_classes_are_not_flagged(tmp_path):
+    frame = _prepared(_blends(tmp_path / "raw"), tmp_path)
+    result = label_audit(frame, 64, folds=5, seed=0, out=tmp_path, store=tmp_path / "cache")
+    section = result["section"]
+    assert section["cv_accuracy_vs_given_labels"] < 0.95  # the classes do overlap
+    assert section["flagged_fraction"] <= 0.03  # far below validate.max_label_issue_fraction = 0.1
+    assert section["estimated_noise_rate"] <= 0.03
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.1])
+def test_noise_fit_discounts_overlap_and_recovers_the_flip_rate(rate):
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.full(4, 0.5), 2000)  # overlapping classes: many spread-out rows
+    labels = np.array([rng.choice(4, p=p) for p in probs])  # drawn from them: calibrated, none wrong
+    for i in rng.choice(2000, int(rate * 2000), replace=False):
+        labels[i] = (labels[i] + 1 + rng.integers(3)) % 4  # then flipped to another class at random
+    temperature, fitted = fit_noise(np.log(probs), labels)
+    assert fitted == pytest.approx(rate, abs=0.03)
+    assert temperature == pytest.approx(1.0, abs=0.15)
+
+
+def test_find_issues_flags_nothing_without_signal():
+    rng = np.random.default_rng(1)
+    features = rng.normal(size=(120, 8))
+    labels = np.repeat(np.arange(3), 40)
+    found = find_issues(features, labels, folds=5, seed=0)
+    assert len(found.flagged) <= 3 and found.noise_rate <= 0.05  # random features: nothing is evidence
