@@ -72,3 +72,11 @@ def test_audit_command_reports_and_exits_1_only_when_the_gate_fails(tmp_path):
     assert failing.exit_code == 1, failing.output
     assert "25 images, 3 classes" in failing.output and "FAIL min_per_class" in failing.output
     assert (out / "report.json").exists() and (out / "report.md").exists()
+
+
+def test_summary_says_how_training_went(trained):
+    params, layout = trained
+    result = runner.invoke(app, ["summary", "--root", str(layout.root)])
+    assert result.exit_code == 0
+    line = next(x for x in result.output.splitlines() if x.strip().startswith("training"))
+    assert "full on cpu, 32 px (model.image_size); best epoch 1 of 1 run (all epochs ran)" in line
