@@ -106,7 +106,7 @@ def _duplicates_markdown(report: dict, max_rows: int) -> list[str]:
 def _audit_markdown(audit: dict, issues: list[dict], max_rows: int) -> list[str]:
     """The label-audit section of the validation report."""
     lines: list[str] = []
-    lines += ["", "## Label audit (cleanlab)", ""]
+    lines += ["", "## Label audit", ""]
     if audit["status"] != "ran":
         lines.append(f"Not run: {audit.get('reason') or 'validate.label_audit is off'}.")
         return lines

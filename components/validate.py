@@ -1,9 +1,9 @@
 """validate stage: the data gate between prepare and train.
 
 Checks the manifest against its pandera schema (every error at once), lists quarantined images,
-measures class balance, finds exact and near duplicates and train/test leakage, and audits the
-labels with cleanlab; then applies the thresholds in params.yaml. Run as `visiontune validate`
-(and `visiontune audit` on any folder or CSV), or called by the flow and tests.
+measures class balance, finds exact and confirmed near duplicates and train/test leakage, and
+audits the labels (components/audit.py); then applies the thresholds in params.yaml. Run as
+`visiontune validate` (and `visiontune audit` on any folder or CSV), or called by the flow and tests.
 """
 
 from __future__ import annotations
