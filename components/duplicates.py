@@ -4,10 +4,12 @@ confirmed by a pixel comparison).
 A perceptual-hash match is only a candidate: on small, low-detail images different pictures can
 share a hash. Each candidate pair is confirmed by its pixel distance (16×16 grayscale thumbnails,
 each standardized to zero mean and unit contrast, mean absolute difference); pairs that fail are
-reported as "similar" and never count as leakage. A crop moves content by up to a thumbnail pixel,
-so pairs within CROP_DISTANCE bits of images at least ALIGN_MIN_SIDE px get a second chance: the
-least distance between one image and 49 crops of the other (either way) must be small, much smaller
-than the plain one, and the raw brightness and contrast must agree. The hash search
+reported as "similar" and never count as leakage. Pairs of images at least ALIGN_MIN_SIDE px are
+candidates within CROP_DISTANCE bits (re-encoding moves more hash bits there, while different
+pictures rarely look alike pixel for pixel), and since a crop moves content by up to a thumbnail
+pixel they get a second chance: the least distance between one image and 49 crops of the other
+(either way) must be small, much smaller than the plain one, and the raw brightness and contrast
+must agree. The hash search
 (hash_search.py) is not all-pairs. Imported by the validate stage; runs nothing.
 """
 
@@ -27,7 +29,7 @@ from .hash_search import hash_pairs, member_pairs, popcount
 THUMB = 16  # px: thumbnail side compared when confirming a candidate pair
 CONTRAST_FLOOR = 0.02  # std floor (white = 1): a flat image is not stretched into noise
 PIXEL_DISTANCE = 0.08  # default confirmation cut, in standard deviations of thumbnail brightness
-CROP_DISTANCE = 12  # default hash bits within which a pair may be confirmed as a crop (aligned comparison)
+CROP_DISTANCE = 12  # hash bits within which pairs of images ≥ ALIGN_MIN_SIDE px are candidates
 ALIGN_ZOOMS = (0.975, 0.95)  # crop sides tried per axis (fraction kept), each at three anchors
 ALIGNED_DISTANCE = 0.15  # confirmation cut for the best-aligned crop view (same units as PIXEL_DISTANCE)
 ALIGN_GAIN = 0.7  # a crop's aligned distance is at most this share of its plain distance
@@ -110,10 +112,10 @@ def _confirm(
     """(confirmed pairs, their pixel distances, closest unconfirmed pairs, their distances).
 
     Candidates are item pairs within max(max_distance, crop_distance) hash bits; only the images
-    in some candidate pair are decoded. A pair within max_distance bits is confirmed by its plain
-    pixel distance; the closest MAX_ALIGNED that fail, within crop_distance bits and with both
-    images at least ALIGN_MIN_SIDE px, get the aligned comparison (_confirm_crops). Unconfirmed
-    pairs are those within max_distance bits.
+    in some candidate pair are decoded. A pair within max_distance bits, or within crop_distance
+    bits when both images are at least ALIGN_MIN_SIDE px, is confirmed by its plain pixel
+    distance; the closest MAX_ALIGNED of the larger pairs that fail get the aligned comparison
+    (_confirm_crops). Unconfirmed pairs are those within max_distance bits.
     """
     values, inverse = np.unique(hashes, return_inverse=True)
     value_pairs = hash_pairs(values, max(max_distance, crop_distance))
@@ -131,14 +133,14 @@ def _confirm(
     for pairs in member_pairs(inverse, value_pairs):
         dist = pixel_distance(thumbs[row[pairs[:, 0]]], thumbs[row[pairs[:, 1]]])
         bits = popcount(hashes[pairs[:, 0]] ^ hashes[pairs[:, 1]])
-        ok = (dist <= threshold) & (bits <= max_distance)
+        big = (sides[pairs[:, 0]] >= ALIGN_MIN_SIDE) & (sides[pairs[:, 1]] >= ALIGN_MIN_SIDE)
+        ok = (dist <= threshold) & ((bits <= max_distance) | (big & (bits <= crop_distance)))
         kept[0].append(pairs[ok])
         kept[1].append(dist[ok])
         fail = ~ok & (bits <= max_distance)
         fp, fd = np.concatenate([failed[0], pairs[fail]]), np.concatenate([failed[1], dist[fail]])
         closest = np.argsort(fd, kind="stable")[: 10 * MAX_SIMILAR]  # enough to survive the group filter
         failed = [fp[closest], fd[closest]]
-        big = (sides[pairs[:, 0]] >= ALIGN_MIN_SIDE) & (sides[pairs[:, 1]] >= ALIGN_MIN_SIDE)
         try_crop = ~ok & (bits <= crop_distance) & big
         cp, cd = np.concatenate([crops[0], pairs[try_crop]]), np.concatenate([crops[1], dist[try_crop]])
         closest = np.argsort(cd, kind="stable")[:MAX_ALIGNED]
@@ -211,9 +213,10 @@ def find_duplicates(
     """Exact groups (same sha256), near groups (confirmed pHash candidates) and similar pairs.
 
     A candidate pair has hashes within max_distance bits (a negative distance turns near search
-    off); it is confirmed when its pixel distance is at most `threshold`. A pair within
-    crop_distance bits may also be confirmed as a crop of the other by an aligned comparison
-    (_confirm_crops); its pixel distance is then the aligned one. Near groups are the
+    off); it is confirmed when its pixel distance is at most `threshold`. Images at least
+    ALIGN_MIN_SIDE px are candidates within crop_distance bits, and may also be confirmed as a
+    crop of the other by an aligned comparison (_confirm_crops); the pixel distance is then the
+    aligned one. Near groups are the
     connected components of confirmed pairs that join different files' contents, with every file
     of each content; candidates that fail confirmation come back one pair per "similar" entry,
     closest first (at most MAX_SIMILAR), unless a near group already holds both images.
