@@ -149,7 +149,7 @@ def _gate(cfg: ValidateConfig, report: dict, frame: pd.DataFrame) -> tuple[list[
     unsure = [d for d in report["similar_pairs"] if d["conflicting_labels"]]
     if unsure:
         warnings.append(
-            f"duplicates: {len(unsure)} similar pair(s) under different labels (equal-looking hashes, "
+            f"duplicates: {len(unsure)} similar pair(s) under different labels (hashes matched, "
             "pixels differ: not counted as duplicates); check them in similar_pairs.png"
         )
     for split, consequence in (("val", "early stopping cannot see them"), ("test", "they are not scored")):
