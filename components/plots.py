@@ -21,8 +21,8 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
+def _save(fig, path: Path, top: float = 1.0) -> Path:
+    fig.tight_layout(rect=(0, 0, 1, top))  # top < 1 leaves room for a suptitle
     fig.savefig(path, dpi=100)
     _pyplot().close(fig)
     return path
@@ -108,7 +108,7 @@ def image_grid(paths: list[str], titles: list[str], suptitle: str, path: Path) -
         ax.imshow(images.resize(images.load_image(image), 128))
         ax.set_title(title, fontsize=8)
     fig.suptitle(suptitle, fontsize=10)
-    return _save(fig, path)
+    return _save(fig, path, top=1 - 0.35 / fig.get_figheight())  # 0.35 inch for the suptitle
 
 
 def mistakes_gallery(mistakes: list[dict], out: Path, limit: int = 24) -> Path | None:
