@@ -9,8 +9,8 @@ candidates within CROP_DISTANCE bits (re-encoding moves more hash bits there, wh
 pictures rarely look alike pixel for pixel), and since a crop moves content by up to a thumbnail
 pixel they get a second chance: the least distance between one image and 49 crops of the other
 (either way) must be small, much smaller than the plain one, and the raw brightness and contrast
-must agree. The hash search
-(hash_search.py) is not all-pairs. Imported by the validate stage; runs nothing.
+must agree. The hash search (hash_search.py) is not all-pairs. Imported by the validate stage;
+runs nothing.
 """
 
 from __future__ import annotations
@@ -93,11 +93,23 @@ def pixel_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.abs(a - b).mean(axis=-1)
 
 
-def _thumbnails(paths: list[str], max_pixels: int) -> np.ndarray:
-    """Thumbnails of the given files, each decoded once by the project's decoder (threads)."""
+def _each_image(view, paths: list[str], max_pixels: int) -> list:
+    """view(image) of each file, decoded by the project's decoder in threads (Pillow releases the GIL)."""
     with ThreadPoolExecutor(max_workers=min(8, 2 * (os.cpu_count() or 1))) as pool:
-        rows = list(pool.map(lambda p: thumbnail(images.load_image(p, max_pixels)), paths))
+        return list(pool.map(lambda p: view(images.load_image(p, max_pixels)), paths))
+
+
+def _thumbnails(paths: list[str], max_pixels: int) -> np.ndarray:
+    """Thumbnails of the given files, each decoded once, stacked (rows of THUMB² floats)."""
+    rows = _each_image(thumbnail, paths, max_pixels)
     return np.stack(rows) if rows else np.empty((0, THUMB * THUMB), dtype=np.float32)
+
+
+def _closest(kept: tuple[np.ndarray, np.ndarray], pairs: np.ndarray, dist: np.ndarray, limit: int):
+    """The `limit` pairs of kept + (pairs, dist) with the smallest distances (a running shortlist)."""
+    p, d = np.concatenate([kept[0], pairs]), np.concatenate([kept[1], dist])
+    order = np.argsort(d, kind="stable")[:limit]
+    return p[order], d[order]
 
 
 def _confirm(
@@ -128,8 +140,7 @@ def _confirm(
     row[involved] = np.arange(len(involved))
     thumbs = _thumbnails([paths[i] for i in involved], max_pixels)
     kept = [[np.empty((0, 2), dtype=np.int64)], [np.empty(0, dtype=np.float32)]]
-    failed = [np.empty((0, 2), dtype=np.int64), np.empty(0, dtype=np.float32)]
-    crops = [np.empty((0, 2), dtype=np.int64), np.empty(0, dtype=np.float32)]
+    failed = crops = (np.empty((0, 2), dtype=np.int64), np.empty(0, dtype=np.float32))
     for pairs in member_pairs(inverse, value_pairs):
         dist = pixel_distance(thumbs[row[pairs[:, 0]]], thumbs[row[pairs[:, 1]]])
         bits = popcount(hashes[pairs[:, 0]] ^ hashes[pairs[:, 1]])
@@ -138,20 +149,16 @@ def _confirm(
         kept[0].append(pairs[ok])
         kept[1].append(dist[ok])
         fail = ~ok & (bits <= max_distance)
-        fp, fd = np.concatenate([failed[0], pairs[fail]]), np.concatenate([failed[1], dist[fail]])
-        closest = np.argsort(fd, kind="stable")[: 10 * MAX_SIMILAR]  # enough to survive the group filter
-        failed = [fp[closest], fd[closest]]
+        failed = _closest(failed, pairs[fail], dist[fail], 10 * MAX_SIMILAR)  # survives the group filter
         try_crop = ~ok & (bits <= crop_distance) & big
-        cp, cd = np.concatenate([crops[0], pairs[try_crop]]), np.concatenate([crops[1], dist[try_crop]])
-        closest = np.argsort(cd, kind="stable")[:MAX_ALIGNED]
-        crops = [cp[closest], cd[closest]]
+        crops = _closest(crops, pairs[try_crop], dist[try_crop], MAX_ALIGNED)
     crop_pairs, crop_dist = _confirm_crops(*crops, paths, max_pixels)
     confirmed = np.concatenate([*kept[0], crop_pairs])
     dist = np.concatenate([*kept[1], crop_dist])
     if len(crop_pairs):  # a pair confirmed as a crop is no longer unconfirmed
         n = len(hashes)
         again = np.isin(failed[0][:, 0] * n + failed[0][:, 1], crop_pairs[:, 0] * n + crop_pairs[:, 1])
-        failed = [failed[0][~again], failed[1][~again]]
+        failed = (failed[0][~again], failed[1][~again])
     return confirmed, dist, failed[0], failed[1]
 
 
@@ -169,10 +176,7 @@ def _confirm_crops(
         return pairs, plain
     images_, slot = np.unique(pairs, return_inverse=True)
     slot = slot.reshape(-1, 2)
-    with ThreadPoolExecutor(max_workers=min(8, 2 * (os.cpu_count() or 1))) as pool:
-        views = list(
-            pool.map(lambda i: crop_views(images.load_image(paths[i], max_pixels)), images_.tolist())
-        )
+    views = _each_image(crop_views, [paths[i] for i in images_.tolist()], max_pixels)
     stack = np.stack([v[0] for v in views])
     tone = np.stack([v[1] for v in views])
     aligned = np.concatenate(
@@ -216,10 +220,10 @@ def find_duplicates(
     off); it is confirmed when its pixel distance is at most `threshold`. Images at least
     ALIGN_MIN_SIDE px are candidates within crop_distance bits, and may also be confirmed as a
     crop of the other by an aligned comparison (_confirm_crops); the pixel distance is then the
-    aligned one. Near groups are the
-    connected components of confirmed pairs that join different files' contents, with every file
-    of each content; candidates that fail confirmation come back one pair per "similar" entry,
-    closest first (at most MAX_SIMILAR), unless a near group already holds both images.
+    aligned one. Near groups are the connected components of confirmed pairs that join different
+    files' contents, with every file of each content; candidates that fail confirmation come back
+    one pair per "similar" entry, closest first (at most MAX_SIMILAR), unless a near group already
+    holds both images.
     """
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
