@@ -78,7 +78,9 @@ def quantize(kind: str, fp32: Path, calibration: list[np.ndarray], out: Path) ->
         from onnxruntime.quantization.shape_inference import quant_pre_process
 
         prepared = out / "model.int8-pre.onnx"
-        quant_pre_process(str(fp32), str(prepared))  # folds batch norm into convs before calibration
+        # folds batch norm into convs before calibration; auto_merge: the linear probe's concatenated
+        # levels give symbolic shape inference two names for one batch axis, and it stops without it
+        quant_pre_process(str(fp32), str(prepared), auto_merge=True)
         reader = _Calibration(source.graph.input[0].name, calibration)
         try:
             # symmetric int8 activations: asymmetric uint8 ones cost digits 75 points of accuracy

@@ -361,6 +361,36 @@ def _client():
     return MlflowClient(tracking_uri())
 
 
+class RegistryError(VisiontuneError):
+    """A registry call that failed for any reason but "not found": never read as an absent alias."""
+
+    def __init__(self, call: str, uri: str, exc: Exception):
+        self.call, self.error_code = call, getattr(exc, "error_code", None)
+        detail = " ".join(str(exc).split())
+        super().__init__(
+            f"the model registry at {uri} failed on {call} ({type(exc).__name__}: {detail[:300]})"
+        )
+
+
+class _Registry:
+    """An MlflowClient whose failures are RegistryErrors naming the server and the call."""
+
+    def __init__(self):
+        self._client, self._uri = _client(), tracking_uri()
+
+    def __getattr__(self, method: str):
+        call = getattr(self._client, method)
+
+        def named(*args, **kwargs):
+            try:
+                return call(*args, **kwargs)
+            except Exception as exc:
+                shown = ", ".join([*map(repr, args), *(f"{k}={v!r}" for k, v in kwargs.items())])
+                raise RegistryError(f"{method}({shown})", self._uri, exc) from exc
+
+        return named
+
+
 def check_reachable(timeout: float = 5.0) -> None:
     """Fail fast, naming the URI and the fix, when a tracking server does not answer."""
     import urllib.request
@@ -396,14 +426,22 @@ def last_registered_data_hash(cfg: RegisterConfig) -> tuple[str | None, str | No
     return str(found[0].version), found[0].tags.get("dvc_data_hash")
 
 
-def _version_by_alias(client, name: str, alias: str):
+def _version_by_alias(registry: _Registry, name: str, alias: str):
+    """The version `alias` points at, or None when the server says the model or the alias does
+    not exist. Any other failure raises: a registry hiccup must not read as "no champion yet"."""
     try:
-        return client.get_model_version_by_alias(name, alias)
-    except Exception:  # no such alias (MlflowException RESOURCE_DOES_NOT_EXIST)
+        return registry.get_model_version_by_alias(name, alias)
+    except RegistryError as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":  # no such registered model
+            return None
+        if exc.error_code != "INVALID_PARAMETER_VALUE":  # what the server says for an unknown alias
+            raise
+        if alias in registry.get_registered_model(name).aliases:  # it exists: the error was another
+            raise
         return None
 
 
-def _test_metrics_now(client, version, prepared: Path, top_k: int = 5) -> dict[str, float]:
+def _test_metrics_now(version, prepared: Path, top_k: int = 5) -> dict[str, float]:
     """A version's test metrics on the current manifest's test split (its ONNX, our preprocessing)."""
     import tempfile
 
@@ -440,75 +478,120 @@ def _set_stage(client, name: str, version: str, stage: str, archive: bool = Fals
 
 def promote(cfg: RegisterConfig, prepared: Path, version: str | None = None) -> PromoteResult:
     """Make the candidate the champion when it beats it by cfg.min_improvement on cfg.metric and
-    clears cfg.min_metrics; record the decision on the version either way."""
-    client = _client()
+    clears cfg.min_metrics; record the decision on the version either way.
+
+    A registry failure is an error, never a guess: while deciding nothing has moved yet, and the
+    message says so; after the decision, it says how far the aliases got."""
+    registry = _Registry()
+    try:
+        cand, champ = _promotion_versions(registry, cfg, version)
+        result = _decide(registry, cfg, prepared, cand, champ)
+    except RegistryError as exc:
+        raise VisiontuneError(f"{exc}; nothing was changed: retry when the server answers") from None
+    if result.promoted:
+        _move_aliases(registry, cfg, cand.version, champ.version if champ else None)
+    _tag_decision(registry, cfg, result)
+    return result
+
+
+def _promotion_versions(registry: _Registry, cfg: RegisterConfig, version: str | None):
+    """(candidate, champion or None): the version given, else the one cfg.alias names."""
     name = cfg.model_name
-    cand = client.get_model_version(name, version) if version else _version_by_alias(client, name, cfg.alias)
+    cand = (
+        registry.get_model_version(name, version) if version else _version_by_alias(registry, name, cfg.alias)
+    )
     if cand is None:
         raise VisiontuneError(f"{name}: no version has alias {cfg.alias!r}; register one or pass --version")
-    champ = _version_by_alias(client, name, CHAMPION)
-    cand_metrics = dict(client.get_run(cand.run_id).data.metrics)
+    return cand, _version_by_alias(registry, name, CHAMPION)
+
+
+def _decide(registry: _Registry, cfg: RegisterConfig, prepared: Path, cand, champ) -> PromoteResult:
+    """The decision, read-only: floors first, then the comparison with the champion, on its logged
+    metrics when both were tested on the same manifest, else both re-evaluated on the candidate's."""
+    cand_metrics = dict(registry.get_run(cand.run_id).data.metrics)
+    rival = champ if champ is not None and champ.version != cand.version else None
     champ_metrics, compared_on = {}, "logged metrics"
-    if champ is not None and champ.version != cand.version:
-        champ_metrics = dict(client.get_run(champ.run_id).data.metrics)
-        if champ.tags.get("manifest_sha256") != cand.tags.get("manifest_sha256"):
+    if rival is not None:
+        champ_metrics = dict(registry.get_run(rival.run_id).data.metrics)
+        if rival.tags.get("manifest_sha256") != cand.tags.get("manifest_sha256"):
             # tested on different data: score both on the candidate's (current) test split
-            cand_metrics = {**cand_metrics, **_test_metrics_now(client, cand, prepared)}
-            champ_metrics = {**champ_metrics, **_test_metrics_now(client, champ, prepared)}
+            cand_metrics = {**cand_metrics, **_test_metrics_now(cand, prepared)}
+            champ_metrics = {**champ_metrics, **_test_metrics_now(rival, prepared)}
             compared_on = "re-evaluated on the candidate's test set"
     value = cand_metrics.get(cfg.metric)
     if value is None:
         raise VisiontuneError(f"register.metric: {cfg.metric!r} is not a metric of v{cand.version}'s run")
-    sign = 1 if cfg.greater_is_better else -1
+    champ_value = champ_metrics.get(cfg.metric) if rival is not None else None
     floors = [f"{k} {cand_metrics.get(k, float('nan')):.4f} < {v}" for k, v in cfg.min_metrics.items()
               if not cand_metrics.get(k, float("-inf")) >= v]  # fmt: skip
-    champ_value = (
-        champ_metrics.get(cfg.metric) if champ is not None and champ.version != cand.version else None
-    )
     if floors:
         promoted, reason = False, "below register.min_metrics: " + "; ".join(floors)
-    elif champ is None or champ.version == cand.version:
+    elif rival is None:
         promoted, reason = champ is None, "no champion yet" if champ is None else "already the champion"
-    elif sign * (value - champ_value) >= cfg.min_improvement:
-        promoted = True
-        reason = (
-            f"{cfg.metric} {value:.4f} vs champion v{champ.version} {champ_value:.4f} "
-            f"(min_improvement {cfg.min_improvement})"
+    elif champ_value is None:
+        raise VisiontuneError(
+            f"register.metric: {cfg.metric!r} is not a metric of champion v{rival.version}'s run; "
+            "it cannot be compared"
         )
     else:
-        promoted = False
-        reason = (
-            f"{cfg.metric} {value:.4f} does not beat champion v{champ.version} {champ_value:.4f} "
-            f"by register.min_improvement={cfg.min_improvement}"
+        sign = 1 if cfg.greater_is_better else -1
+        promoted = sign * (value - champ_value) >= cfg.min_improvement
+        verb = "vs" if promoted else "does not beat"
+        reason = f"{cfg.metric} {value:.4f} {verb} champion v{rival.version} {champ_value:.4f}" + (
+            f" (min_improvement {cfg.min_improvement})"
+            if promoted
+            else f" by register.min_improvement={cfg.min_improvement}"
         )
-    if promoted:
-        client.set_registered_model_alias(name, CHAMPION, cand.version)
-        if champ is not None:
-            client.set_registered_model_alias(name, PREVIOUS, champ.version)
-        if cfg.use_stages:
-            _set_stage(client, name, cand.version, "Staging")
-            _set_stage(client, name, cand.version, "Production", archive=True)
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    for key, val in {
-        "promotion.decision": "promoted" if promoted else "refused",
-        "promotion.time": stamp,
-        "promotion.reason": reason,
-        "promotion.compared_on": compared_on,
-        "promotion.champion_before": champ.version if champ else "none",
-        f"promotion.candidate.{cfg.metric}": f"{value:.6g}",
-        f"promotion.champion.{cfg.metric}": "none" if champ_value is None else f"{champ_value:.6g}",
-    }.items():
-        client.set_model_version_tag(name, cand.version, key, val)
     return PromoteResult(
-        model_name=name, candidate=str(cand.version), champion_before=champ.version if champ else None,
-        promoted=promoted, reason=reason, metric=cfg.metric, candidate_value=value,
-        champion_value=champ_value, compared_on=compared_on,
+        model_name=cfg.model_name, candidate=str(cand.version),
+        champion_before=str(champ.version) if champ else None, promoted=promoted, reason=reason,
+        metric=cfg.metric, candidate_value=value, champion_value=champ_value, compared_on=compared_on,
     )  # fmt: skip
+
+
+def _move_aliases(registry: _Registry, cfg: RegisterConfig, candidate: str, champion: str | None) -> None:
+    """'previous' to the old champion first, then 'champion' to the candidate, then the stages: a
+    failure part-way leaves the champion where it was, or says that only the stages are behind."""
+    name = cfg.model_name
+    try:
+        if champion is not None:
+            registry.set_registered_model_alias(name, PREVIOUS, champion)
+        registry.set_registered_model_alias(name, CHAMPION, candidate)
+    except RegistryError as exc:
+        raise VisiontuneError(
+            f"{exc}; the champion alias still points at {'v' + champion if champion else 'no version'}: "
+            "retry the promotion when the server answers"
+        ) from None
+    if cfg.use_stages:
+        try:
+            _set_stage(registry, name, candidate, "Staging")
+            _set_stage(registry, name, candidate, "Production", archive=True)
+        except RegistryError as exc:
+            raise VisiontuneError(
+                f"{exc}; the champion alias moved to v{candidate}, but its stage is not Production yet "
+                "(register.use_stages): transition it when the server answers"
+            ) from None
+
+
+def _tag_decision(registry: _Registry, cfg: RegisterConfig, result: PromoteResult) -> None:
+    """The decision, its reason and the two values, as tags on the candidate version."""
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    champion = result.champion_value
+    for key, val in {
+        "promotion.decision": "promoted" if result.promoted else "refused",
+        "promotion.time": stamp,
+        "promotion.reason": result.reason,
+        "promotion.compared_on": result.compared_on,
+        "promotion.champion_before": result.champion_before or "none",
+        f"promotion.candidate.{cfg.metric}": f"{result.candidate_value:.6g}",
+        f"promotion.champion.{cfg.metric}": "none" if champion is None else f"{champion:.6g}",
+    }.items():
+        registry.set_model_version_tag(cfg.model_name, result.candidate, key, val)
 
 
 def rollback(cfg: RegisterConfig) -> dict[str, str]:
     """Give the champion alias back to the version aliased 'previous'."""
-    client = _client()
+    client = _Registry()
     name = cfg.model_name
     previous = _version_by_alias(client, name, PREVIOUS)
     current = _version_by_alias(client, name, CHAMPION)
@@ -541,7 +624,7 @@ class VersionInfo:
 
 def alias_version(name: str, alias: str) -> VersionInfo:
     """The version models:/NAME@ALIAS points at now, with its tags (metrics are not fetched: {})."""
-    client = _client()
+    client = _Registry()
     found = _version_by_alias(client, name, alias)
     if found is None:
         raise VisiontuneError(

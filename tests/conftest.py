@@ -109,6 +109,44 @@ def exported(trained):
     return params, layout
 
 
+@pytest.fixture(scope="session")
+def well_trained(tmp_path_factory):
+    """A good model for decisions that need one: a 6-epoch linear probe on the tiny digits
+    (test accuracy 1.0 here), evaluated and exported: (params, layout)."""
+    from visiontune.pipelines import stages
+
+    root = tmp_path_factory.mktemp("good")
+    params = tiny_params(write_digits(root / "raw"), train={"method": "linear", "epochs": 6})
+    layout = stages.Layout(root / "prepared")
+    for name in ("prepare", "validate", "train", "evaluate", "export"):
+        stages.STAGES[name](params, layout)
+    return params, layout
+
+
+@pytest.fixture(scope="session")
+def damaged(well_trained, tmp_path_factory):
+    """A worse model by construction: a copy of `well_trained` whose classifier rows are rotated by
+    one class (every prediction moves to the next class), evaluated and exported again:
+    (params, layout). Same data, same manifest, different answers."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from visiontune.pipelines import stages
+
+    params, layout = well_trained
+    copy = stages.Layout(tmp_path_factory.mktemp("damaged") / "prepared")
+    shutil.copytree(layout.root, copy.root)
+    weights = copy.train / "model.safetensors"
+    tensors = load_file(weights)
+    for key in ("fc.weight", "fc.bias"):  # the probe's head
+        tensors[key] = tensors[key].roll(1, dims=0).contiguous()
+    save_file(tensors, weights)
+    stages.evaluate(params, copy)
+    stages.export(params, copy)
+    return params, copy
+
+
 # --- beyond one machine: an S3 endpoint, PostgreSQL and a team MLflow server on 127.0.0.1 ---
 
 S3_ENV = {

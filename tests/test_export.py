@@ -1,6 +1,8 @@
 """export: a checked ONNX file with a dynamic batch axis and metadata, or no file at all."""
 
+import hashlib
 import json
+import subprocess
 
 import numpy as np
 import onnx
@@ -33,24 +35,52 @@ def test_failed_parity_leaves_no_model_behind(trained, tmp_path):
     assert not (tmp_path / "export" / "model.onnx").exists()
 
 
-def test_lineage_in_metadata(trained):
+def test_lineage_in_metadata_is_the_real_manifest_and_commit(trained):
     params, layout = trained
     stages.export(params, layout)
     meta = {p.key: p.value for p in onnx.load(str(layout.export / "model.onnx")).metadata_props}
-    assert len(meta["data_sha256"]) == 64 and "git_commit" in meta
+    manifest_bytes = (layout.prepare / "manifest.csv").read_bytes()
+    assert meta["data_sha256"] == hashlib.sha256(manifest_bytes).hexdigest()
+    assert meta["data_sha256"] == json.loads((layout.prepare / "prepare.json").read_text())["manifest_sha256"]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
+    assert meta["git_commit"] == (head.stdout.strip() if head.returncode == 0 else "unknown")
 
 
 @pytest.mark.parametrize("kind", ["int8", "fp16"])
-def test_quantized_copy_reports_its_accuracy_change(trained, tmp_path, kind):
-    params, layout = trained
-    cfg = ExportConfig(quantize=kind, max_accuracy_drop=1.0, calibration_images=16)
+def test_quantized_copy_reports_its_accuracy_change_and_the_gate_bites_at_it(well_trained, tmp_path, kind):
+    from visiontune.components import manifest
+    from visiontune.components.export import QuantizationError
+    from visiontune.components.predict import OnnxClassifier
+
+    params, layout = well_trained
+    cfg = ExportConfig(quantize=kind, max_accuracy_drop=1.0, calibration_images=16)  # measure first
     result = export(cfg, layout.prepare, layout.train, tmp_path / "q")
     small = tmp_path / "q" / f"model.{kind}.onnx"
     assert result.quantized == str(small) and small.stat().st_size < result.size_bytes
-    assert result.accuracy_change == pytest.approx(result.quantized_accuracy - result.test_accuracy)
-    from visiontune.components.predict import OnnxClassifier
+    frame = manifest.read(layout.prepare / "manifest.csv")
+    test = frame[frame["split"] == "test"]
 
+    def accuracy(model) -> float:  # scored here, independently of export's own bookkeeping
+        answers = OnnxClassifier(model).predict(test["path"].tolist())
+        return float(np.mean([a["label"] == y for a, y in zip(answers, test["label"], strict=True)]))
+
+    assert result.test_accuracy == pytest.approx(accuracy(result.onnx))
+    assert result.test_accuracy == json.loads((layout.evaluate / "metrics.json").read_text())["test_accuracy"]
+    assert result.quantized_accuracy == pytest.approx(accuracy(small))
+    assert result.accuracy_change == pytest.approx(result.quantized_accuracy - result.test_accuracy)
     assert OnnxClassifier(small).class_names == ["0", "1", "2"]  # metadata carried over
+    if kind == "fp16":
+        assert abs(result.accuracy_change) <= 1 / len(test)  # half precision moves one image at most
+    drop = -result.accuracy_change
+    if drop > 0:  # the gate, end to end, on either side of the measured drop
+        strict = cfg.model_copy(update={"max_accuracy_drop": drop - 1e-9})
+        with pytest.raises(QuantizationError, match="the fp32 model.onnx is kept"):
+            export(strict, layout.prepare, layout.train, tmp_path / "strict")
+        assert (tmp_path / "strict" / "model.onnx").exists() and not (
+            tmp_path / "strict" / small.name
+        ).exists()
+        exact = cfg.model_copy(update={"max_accuracy_drop": drop})
+        assert export(exact, layout.prepare, layout.train, tmp_path / "exact").quantized
 
 
 def test_quantization_refused_beyond_the_allowed_drop():

@@ -1,9 +1,16 @@
 """Promotion and rollback through aliases and stages, and a tracking server that is down,
 against a real `mlflow server` on 127.0.0.1."""
 
+import hashlib
+import http.client
 import json
+import math
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qsl, urlsplit
 
 import pytest
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from conftest import _free_port
@@ -51,23 +58,178 @@ def test_promote_refuse_promote_then_rollback(exported, mlflow_server, monkeypat
         rollback(p.register_)
 
 
-def test_floors_refuse_and_other_data_is_re_evaluated(exported, mlflow_server, monkeypatch):
-    params, layout = exported
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    p = _named(params, "floors")
-    client = MlflowClient(mlflow_server)
-    stages.register(p, layout)
-    floor = _named(params, "floors", min_metrics={"test_accuracy": 1.01}).register_
-    refused = promote(floor, layout.prepare)
-    assert not refused.promoted and "below register.min_metrics" in refused.reason
+def _accuracy(layout) -> float:
+    return json.loads((layout.evaluate / "metrics.json").read_text())["test_accuracy"]
 
-    assert promote(p.register_, layout.prepare).promoted  # v1 becomes champion
-    client.set_model_version_tag("floors", "1", "manifest_sha256", "0" * 64)  # tested on other data
-    stages.register(p, layout)
-    result = promote(p.register_, layout.prepare)
+
+def _logged(client, name: str, version: str, metric: str = "test_accuracy") -> float:
+    return client.get_run(client.get_model_version(name, version).run_id).data.metrics[metric]
+
+
+def test_the_better_version_is_promoted_in_either_order(well_trained, damaged, mlflow_server, monkeypatch):
+    (params, good), (_, bad) = well_trained, damaged
+    assert _accuracy(good) > _accuracy(bad) + 0.5  # worse by construction, not by chance
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    client = MlflowClient(mlflow_server)
+
+    p = _named(params, "good-first")
+    v1 = stages.register(p, good).version
+    assert promote(p.register_, good.prepare).reason == "no champion yet"
+    v2 = stages.register(p, bad).version
+    refused = promote(p.register_, bad.prepare)
+    assert not refused.promoted and f"does not beat champion v{v1}" in refused.reason
+    assert (refused.candidate_value, refused.champion_value) == (_accuracy(bad), _accuracy(good))
+    assert client.get_model_version_by_alias("good-first", "champion").version == v1
+    tags = client.get_model_version("good-first", v2).tags
+    assert tags["promotion.decision"] == "refused"
+    manifest_bytes = (bad.prepare / "manifest.csv").read_bytes()
+    assert tags["manifest_sha256"] == hashlib.sha256(manifest_bytes).hexdigest()  # the real lineage
+
+    p = _named(params, "bad-first")
+    v1 = stages.register(p, bad).version
+    assert promote(p.register_, bad.prepare).promoted  # the first version has no rival
+    v2 = stages.register(p, good).version
+    won = promote(p.register_, good.prepare)
+    assert won.promoted and f"vs champion v{v1}" in won.reason and won.compared_on == "logged metrics"
+    assert (won.candidate_value, won.champion_value) == (_accuracy(good), _accuracy(bad))
+    assert client.get_model_version_by_alias("bad-first", "champion").version == v2
+    assert client.get_model_version_by_alias("bad-first", "previous").version == v1
+
+
+def test_floors_min_improvement_and_direction_bite_at_their_boundary(
+    well_trained, damaged, mlflow_server, monkeypatch
+):
+    (params, good), (_, bad) = well_trained, damaged
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    client = MlflowClient(mlflow_server)
+    p = _named(params, "edges")
+    stages.register(p, bad)
+    assert promote(p.register_, bad.prepare).promoted
+    v2 = stages.register(p, good).version
+    ours, theirs = _logged(client, "edges", v2), _logged(client, "edges", "1")
+    gap, above = ours - theirs, math.nextafter(ours - theirs, math.inf)
+
+    def decide(**register):
+        return promote(_named(params, "edges", **register).register_, good.prepare)
+
+    floor_missed = decide(min_metrics={"test_accuracy": math.nextafter(ours, math.inf)})
+    assert not floor_missed.promoted and "below register.min_metrics" in floor_missed.reason
+    assert not decide(min_improvement=above).promoted  # a hair more than the gap: refused
+    lower_is_better = decide(greater_is_better=False)  # read the other way, the better model is worse
+    assert not lower_is_better.promoted and "does not beat champion v1" in lower_is_better.reason
+    assert client.get_model_version_by_alias("edges", "champion").version == "1"  # nothing moved yet
+    at_the_edge = decide(min_improvement=gap, min_metrics={"test_accuracy": ours})
+    assert at_the_edge.promoted, at_the_edge.reason
+    assert client.get_model_version_by_alias("edges", "champion").version == v2
+
+
+def test_a_champion_scored_on_other_data_is_re_evaluated_and_that_decides(
+    well_trained, damaged, mlflow_server, monkeypatch
+):
+    """The damaged champion claims test accuracy 1.0 on another manifest. On logged metrics the
+    better candidate could not beat it by 0.01; scored on the candidate's test split it does."""
+    (params, good), (_, bad) = well_trained, damaged
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    client = MlflowClient(mlflow_server)
+    p = _named(params, "other-data", min_improvement=0.01)
+    v1 = stages.register(p, bad).version
+    run_id = client.get_model_version("other-data", v1).run_id
+    client.log_metric(run_id, "test_accuracy", 1.0, step=1)  # its score on the other data
+    client.set_model_version_tag("other-data", v1, "manifest_sha256", "0" * 64)
+    assert promote(p.register_, bad.prepare).promoted
+    assert _logged(client, "other-data", v1) == 1.0
+
+    v2 = stages.register(p, good).version
+    result = promote(p.register_, good.prepare)
     assert result.compared_on == "re-evaluated on the candidate's test set"
-    assert result.champion_value == pytest.approx(result.candidate_value)  # the same weights
-    assert result.promoted
+    assert result.champion_value == pytest.approx(_accuracy(bad))  # its real score here, not 1.0
+    assert result.candidate_value == pytest.approx(_accuracy(good))
+    assert result.promoted and _logged(client, "other-data", v2) < 1.0 + 0.01
+    assert client.get_model_version_by_alias("other-data", "champion").version == v2
+
+
+class _FailingProxy(ThreadingHTTPServer):
+    """An HTTP proxy on 127.0.0.1 in front of a real tracking server that answers 503 to the lookup of
+    one alias, as a registry whose database is briefly locked would."""
+
+    def __init__(self, upstream: str, failing_alias: str):
+        self.upstream, self.failing_alias, self.failed = urlsplit(upstream), failing_alias, 0
+        super().__init__(("127.0.0.1", 0), _Forward)
+
+
+class _Forward(BaseHTTPRequestHandler):
+    def _forward(self):
+        proxy: _FailingProxy = self.server
+        url = urlsplit(self.path)
+        query = dict(parse_qsl(url.query))
+        if url.path.endswith("/registered-models/alias") and query.get("alias") == proxy.failing_alias:
+            proxy.failed += 1
+            body = json.dumps({"error_code": "TEMPORARILY_UNAVAILABLE", "message": "database is locked"})
+            return self._reply(503, {"Content-Type": "application/json"}, body.encode())
+        length = int(self.headers.get("Content-Length") or 0)
+        conn = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=60)
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+        conn.request(self.command, self.path, self.rfile.read(length) if length else None, headers)
+        answer = conn.getresponse()
+        skip = ("transfer-encoding", "connection", "content-length")
+        self._reply(
+            answer.status, {k: v for k, v in answer.getheaders() if k.lower() not in skip}, answer.read()
+        )
+        conn.close()
+
+    def _reply(self, status: int, headers: dict, body: bytes):
+        self.send_response(status)
+        for key, value in headers.items():
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = do_PATCH = do_DELETE = _forward
+
+    def log_message(self, *args):  # quiet
+        pass
+
+
+def test_a_registry_error_during_promotion_is_an_error_and_moves_nothing(
+    well_trained, damaged, mlflow_server, monkeypatch, tmp_path
+):
+    """Before, a failed champion lookup read as "no champion yet" and the worse candidate was
+    promoted without a comparison."""
+    from typer.testing import CliRunner
+
+    from visiontune.pipelines.cli import app
+
+    (params, good), (_, bad) = well_trained, damaged
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    client = MlflowClient(mlflow_server)
+    p = _named(params, "guarded")
+    v1 = stages.register(p, good).version
+    assert promote(p.register_, good.prepare).promoted
+    v2 = stages.register(p, bad).version
+
+    proxy = _FailingProxy(mlflow_server, failing_alias="champion")
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{proxy.server_address[1]}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")  # a retry, then the error
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
+    (tmp_path / "params.yaml").write_text(json.dumps(p.model_dump(by_alias=True)))
+    try:
+        out = CliRunner().invoke(
+            app, ["promote", "--params", str(tmp_path / "params.yaml"), "--root", str(bad.root)]
+        )
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+    assert out.exit_code == 1, out.output
+    assert proxy.failed >= 1
+    assert url in out.output and "get_model_version_by_alias('guarded', 'champion')" in out.output
+    assert "nothing was changed" in out.output
+    assert client.get_model_version_by_alias("guarded", "champion").version == v1
+    assert "promotion.decision" not in client.get_model_version("guarded", v2).tags
+    with pytest.raises(MlflowException):
+        client.get_model_version_by_alias("guarded", "previous")
 
 
 def test_auto_promote_in_the_register_stage(exported, mlflow_server, monkeypatch):

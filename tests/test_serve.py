@@ -316,22 +316,33 @@ def _named(params, name):
 
 
 def test_serve_follows_the_champion_alias_with_no_failed_request(
-    exported, mlflow_server, monkeypatch, tmp_path
+    well_trained, damaged, mlflow_server, monkeypatch, tmp_path
 ):
+    """v1 is a damaged copy of v2 (its classes rotated): every answer must be the one the version it
+    names gives, so a server that reported v2 while still answering with v1 would fail."""
     from mlflow.tracking import MlflowClient
 
     from visiontune.components.tracking import promote
     from visiontune.pipelines import stages
 
-    params, layout = exported
+    (params, good), (_, bad) = well_trained, damaged
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     p = _named(params, "served")
-    v1 = stages.register(p, layout).version
-    v2 = stages.register(p, layout).version
+    v1 = stages.register(p, bad).version
+    v2 = stages.register(p, good).version
     client = MlflowClient(mlflow_server)
     client.set_registered_model_alias("served", "champion", v1)
-    frame = manifest.read(layout.prepare / "manifest.csv")
-    images = [Path(x).read_bytes() for x in frame.loc[frame["split"] == "test", "path"][:4]]
+    frame = manifest.read(good.prepare / "manifest.csv")
+    paths = frame.loc[frame["split"] == "test", "path"].tolist()[:4]
+    images = [Path(x).read_bytes() for x in paths]
+    expected = {  # (label, probability) per version and image, from each version's own ONNX file
+        version: [
+            (r["label"], r["top_k"][0]["probability"])
+            for r in OnnxClassifier(layout.export / "model.onnx").predict(paths)
+        ]
+        for version, layout in ((v1, bad), (v2, good))
+    }
+    assert all(a[0] != b[0] for a, b in zip(expected[v1], expected[v2], strict=True))  # told apart
 
     args = ["--model", "models:/served@champion", "--set", "serve.poll_s=0.3", "--set", "serve.max_batch=4",
             "--set", "serve.max_wait_ms=2"]  # fmt: skip
@@ -357,7 +368,9 @@ def test_serve_follows_the_champion_alias_with_no_failed_request(
                         if r.status_code != 200:
                             failures.append(r.text)
                         else:
-                            answers.append((time.monotonic(), r.json()["model"]["version"]))
+                            (got,) = r.json()["predictions"]
+                            answer = (got["label"], got["top_k"][0]["probability"])
+                            answers.append((time.monotonic(), r.json()["model"]["version"], i % 4, answer))
                     except httpx.HTTPError as exc:
                         failures.append(repr(exc))
                     i += 1
@@ -367,11 +380,11 @@ def test_serve_follows_the_champion_alias_with_no_failed_request(
             t.start()
         try:
             time.sleep(1.0)
-            decision = promote(p.register_, layout.prepare, version=v2)
+            decision = promote(p.register_, good.prepare, version=v2)
             assert decision.promoted, decision.reason
             moved = time.monotonic()
             deadline = moved + 30
-            while not any(v == v2 for _, v in answers) and time.monotonic() < deadline:
+            while not any(v == v2 for _, v, _, _ in answers) and time.monotonic() < deadline:
                 time.sleep(0.05)
             time.sleep(1.0)
         finally:
@@ -379,9 +392,14 @@ def test_serve_follows_the_champion_alias_with_no_failed_request(
             for t in threads:
                 t.join(timeout=60)
         assert failures == []
-        assert {v for _, v in answers} == {v1, v2}
-        first_new = min(t for t, v in answers if v == v2)
-        assert all(v == v2 for t, v in answers if t > first_new + 2)  # only requests in flight end on v1
+        assert {v for _, v, _, _ in answers} == {v1, v2}
+        for _, version, image, (label, probability) in answers:  # each answer is its version's
+            assert label == expected[version][image][0]
+            assert probability == pytest.approx(expected[version][image][1], abs=1e-5)
+        first_new = min(t for t, v, _, _ in answers if v == v2)
+        assert all(
+            v == v2 for t, v, _, _ in answers if t > first_new + 2
+        )  # only requests in flight end on v1
         assert first_new - moved < 10
         info = httpx.get(f"{url}/v1/model").json()
         assert info["version"] == v2 and info["promotion"]["decision"] == "promoted"
