@@ -59,7 +59,7 @@ def summary(probs: np.ndarray, y_true: np.ndarray, split: str, top_k: int) -> di
         f"{split}_classes_without_images": probs.shape[1] - len(present),
     }
     k = min(top_k, probs.shape[1])
-    top = np.argsort(-probs, axis=1)[:, :k]
+    top = np.argsort(-probs, axis=1, kind="stable")[:, :k]  # ties: lowest class first, as argmax
     out[f"{split}_top{k}_accuracy"] = float((top == y_true[:, None]).any(1).mean())
     for average in ("macro", "weighted"):
         p, r, f1, _ = precision_recall_fscore_support(

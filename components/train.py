@@ -231,7 +231,7 @@ def _probe_sums(probe, pixels, rows, prep, device, batch_size, autocast) -> np.n
 
 
 def _val_metrics(sums: np.ndarray, n_classes: int) -> tuple[float, float, float]:
-    """(val loss, accuracy, macro F1 over the classes seen in labels or predictions)."""
+    """(val loss, accuracy, macro F1 over the classes the split holds, as evaluate averages it)."""
     confusion = sums[1:].reshape(n_classes, n_classes)
     total = confusion.sum()
     tp, predicted, actual = np.diag(confusion), confusion.sum(0), confusion.sum(1)
@@ -240,8 +240,8 @@ def _val_metrics(sums: np.ndarray, n_classes: int) -> tuple[float, float, float]
     f1 = np.divide(
         2 * precision * recall, precision + recall, out=np.zeros_like(tp), where=precision + recall > 0
     )
-    seen = (predicted + actual) > 0
-    return float(sums[0] / total), float(tp.sum() / total), float(f1[seen].mean())
+    present = actual > 0
+    return float(sums[0] / total), float(tp.sum() / total), float(f1[present].mean())
 
 
 def _fingerprint(cfg: TrainConfig, model_cfg: ModelConfig, base: BaseConfig, manifest_sha: str) -> str:

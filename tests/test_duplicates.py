@@ -189,3 +189,20 @@ def test_five_percent_crop_is_confirmed_by_alignment_and_a_distinct_picture_is_n
     (pair,) = near[0]["pairs"]
     assert pair["pixel_distance"] <= duplicates.ALIGNED_DISTANCE
     assert [x["path"].rsplit("/", 1)[1] for x in leakage(found, frame)] == ["crop.png"]
+
+
+def test_an_edited_picture_is_not_confirmed_as_a_crop_when_alignment_explains_nothing(tmp_path):
+    """One region replaced by another picture's: within the crop window's hash distance and the
+    aligned cut, but no crop view comes closer than the plain comparison, so it stays similar."""
+    a, other = _photo(11), _photo(12)
+    b = a.copy()
+    b.paste(other.crop((40, 40, 56, 56)), (40, 40))
+    paths = [_save(a, tmp_path / "a.png"), _save(b, tmp_path / "b.png")]
+    frame = _frame(paths, ["x", "x"], ["train", "test"])
+    plain = duplicates.pixel_distance(*(duplicates.thumbnail(x)[None] for x in (a, b)))[0]
+    assert duplicates.PIXEL_DISTANCE < plain <= duplicates.ALIGNED_DISTANCE  # the gain test decides
+    bits = bin(int(frame["phash"][0], 16) ^ int(frame["phash"][1], 16)).count("1")
+    assert 6 < bits <= duplicates.CROP_DISTANCE  # a crop candidate only (a "similar" pair needs <= 6)
+
+    found = find_duplicates(frame, max_distance=6)
+    assert found == [] and leakage(found, frame) == []

@@ -24,24 +24,70 @@ def test_tiny_run_writes_checkpoint_history_and_result(trained):
     assert meta["config"]["train"]["epochs"] == 1 and meta["preprocessing"]["size"] == 32
 
 
-def test_training_learns_and_early_stopping_keeps_best(tmp_path):
+def _run_keeping_every_epoch(tmp_path, per_class: int = 20, **train_opts):
+    """Prepare digits 0 and 1, then run the real train() with a snapshot of the weights after each
+    epoch: (result, history rows, {epoch: state}, the checkpoint's weights)."""
+    from safetensors.torch import load_file
+
     from conftest import write_digits
+    from visiontune.components.train import train
     from visiontune.pipelines import stages
 
-    data = write_digits(tmp_path / "raw", classes=(0, 1), per_class=30)
-    params = tiny_params(data, train={"epochs": 6, "patience": 1, "lr": 3e-3, "color_jitter": 0.0})
+    data = write_digits(tmp_path / "raw", classes=(0, 1), per_class=per_class)
+    params = tiny_params(data, train={"color_jitter": 0.0, **train_opts})
     layout = stages.Layout(tmp_path / "prep")
     stages.prepare(params, layout)
-    result = stages.train(params, layout)
+    states = {}
+
+    def keep(epoch, model):
+        states[epoch] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+    result = train(params.train, params.model, params.base, layout.prepare, layout.train, layout.cache,
+                   on_epoch_end=keep)  # fmt: skip
     with open(layout.train / "history.csv") as fh:
         rows = list(csv.DictReader(fh))
+    return result, rows, states, load_file(layout.train / "model.safetensors")
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k].contiguous()) for k in a)
+
+
+def test_training_learns_and_early_stopping_keeps_best(tmp_path):
+    """min_delta 10: a val loss can only beat infinity, never the first epoch's (a loss < 10 cannot
+    drop by 10), so patience 2 must stop the run after epoch 3 of 6 and keep epoch 1's weights."""
+    result, rows, states, saved = _run_keeping_every_epoch(
+        tmp_path, epochs=6, patience=2, min_delta=10.0, lr=3e-3
+    )
+    assert float(rows[0]["val_loss"]) < 10  # the premise
+    assert result.stopped_early and result.epochs_run == 3 and [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert sorted(states) == [1, 2, 3]  # no epoch ran after the stop
+    assert result.best_epoch == 1 and result.best_val_loss == float(rows[0]["val_loss"])
+    assert result.best_val_accuracy == float(rows[0]["val_accuracy"])
+    assert not _same(states[1], states[3])  # training moved on after epoch 1 ...
+    assert _same(saved, states[1])  # ... but the checkpoint holds epoch 1's weights
+
+
+def test_early_stopping_cannot_fire_before_patience_runs_out_and_the_best_epoch_is_kept(tmp_path):
+    """patience 4 of 4 epochs: epoch 1 always improves (on infinity), so at most 3 epochs can fail
+    to improve: all 4 run. The checkpoint is the epoch of the lowest val loss, whichever it was."""
+    result, rows, states, saved = _run_keeping_every_epoch(
+        tmp_path, per_class=30, epochs=4, patience=4, lr=3e-3
+    )
+    assert not result.stopped_early and result.epochs_run == 4 and sorted(states) == [1, 2, 3, 4]
     losses = [float(r["val_loss"]) for r in rows]
+    best = losses.index(min(losses)) + 1  # the first of equal minima: a tie is no improvement
+    assert result.best_epoch == best and result.best_val_loss == min(losses)
+    assert _same(saved, states[best])
     assert result.best_val_accuracy >= 0.8  # 0 vs 1 is easy with pretrained features
-    assert result.best_val_loss == min(losses)
-    assert float(rows[result.best_epoch - 1]["val_loss"]) == min(losses)
-    assert result.stopped_early == (result.epochs_run < 6)
-    if result.stopped_early:
-        assert result.epochs_run == result.best_epoch + 1  # patience 1
+
+
+def test_a_val_loss_plateau_is_no_improvement_and_stops_the_run(tmp_path):
+    """A linear probe at lr 1e-12: its updates vanish below float resolution, so every epoch's val
+    loss equals the first one's exactly. Equal is not better: patience 2 stops after epoch 3."""
+    result, rows, _, _ = _run_keeping_every_epoch(tmp_path, method="linear", lr=1e-12, epochs=5, patience=2)
+    assert len({r["val_loss"] for r in rows}) == 1  # the premise: a flat line
+    assert result.stopped_early and result.epochs_run == 3 and result.best_epoch == 1
 
 
 @pytest.mark.parametrize("epochs", [2, 3])

@@ -3,6 +3,7 @@ passes where it should; no user file is lost or changed."""
 
 import io
 import json
+import math
 import shutil
 
 import numpy as np
@@ -163,6 +164,8 @@ def test_imbalance_gate(tmp_path):
         GateFailed, match=r"largest/smallest class = 8\.0 .* > validate\.max_imbalance_ratio=4"
     ):
         validate(ValidateConfig(max_imbalance_ratio=4, label_audit=False), tmp_path / "prep", tmp_path / "v")
+    at_the_limit = ValidateConfig(max_imbalance_ratio=8, label_audit=False)  # 40/5 is allowed
+    assert validate(at_the_limit, tmp_path / "prep", tmp_path / "v").passed
 
 
 def test_unknown_labels_and_schema_errors_name_row_and_file(tmp_path):
@@ -207,6 +210,13 @@ def test_label_audit_finds_planted_label_errors(tmp_path):
     assert set(first) >= {"path", "given_label", "suggested_label", "score", "error_probability"}
     assert "Expected precision" in (tmp_path / "val" / "report.md").read_text()
     assert (tmp_path / "val" / "label_issues.png").read_bytes()[:4] == b"\x89PNG"
+
+    limit = audit["flagged_fraction"]  # the gate at its boundary: the limit itself passes
+    at_the_limit = ValidateConfig(max_label_issue_fraction=limit)
+    assert validate(at_the_limit, tmp_path / "prep", tmp_path / "v2", audit_size=64).passed
+    below = ValidateConfig(max_label_issue_fraction=math.nextafter(limit, 0))
+    with pytest.raises(GateFailed, match="label_issues: "):
+        validate(below, tmp_path / "prep", tmp_path / "v3", audit_size=64)
 
 
 def _csv(tmp_path, rows) -> object:

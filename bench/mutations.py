@@ -1,0 +1,218 @@
+"""Mutation check: flip the key comparison of each decision function in a scratch copy of the
+project and run the tests that guard it. A mutation no test catches is a hole in the suite.
+
+    python bench/mutations.py            # every mutation (about 15 minutes on 2 cores)
+    python bench/mutations.py promote    # those whose name contains "promote"
+    python bench/mutations.py --list
+
+The project itself is never edited: each mutation is applied to a copy of the tracked files in a
+temporary folder, imported ahead of the installed package (a `visiontune` package there points at
+the copy's components/ and pipelines/), and the copy is deleted afterwards. Prints one line per
+mutation: caught (with the first failing test) or MISSED, and exits 1 if any was missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    file: str
+    old: str  # must occur exactly once in the file
+    new: str
+    tests: tuple[str, ...]  # pytest node ids or files that should catch it
+
+
+MUTATIONS = [
+    Mutation(
+        "promote: the comparison's sign flipped",
+        "components/tracking.py",
+        "sign = 1 if cfg.greater_is_better else -1",
+        "sign = -1 if cfg.greater_is_better else 1",
+        ("tests/test_registry.py::test_the_better_version_is_promoted_in_either_order",),
+    ),
+    Mutation(
+        "promote: min_improvement needs a strict win (>= became >)",
+        "components/tracking.py",
+        "promoted = sign * (value - champ_value) >= cfg.min_improvement",
+        "promoted = sign * (value - champ_value) > cfg.min_improvement",
+        ("tests/test_registry.py::test_floors_min_improvement_and_direction_bite_at_their_boundary",),
+    ),
+    Mutation(
+        "promote: a floor needs a strict win (>= became >)",
+        "components/tracking.py",
+        'if not cand_metrics.get(k, float("-inf")) >= v]',
+        'if not cand_metrics.get(k, float("-inf")) > v]',
+        ("tests/test_registry.py::test_floors_min_improvement_and_direction_bite_at_their_boundary",),
+    ),
+    Mutation(
+        "promote: re-evaluation on other data skipped",
+        "components/tracking.py",
+        'if rival.tags.get("manifest_sha256") != cand.tags.get("manifest_sha256"):',
+        "if False:",
+        ("tests/test_registry.py::test_a_champion_scored_on_other_data_is_re_evaluated_and_that_decides",),
+    ),
+    Mutation(
+        "promote: any registry error read as 'no such alias'",
+        "components/tracking.py",
+        "    except RegistryError as exc:\n        if exc.error_code == ",
+        "    except RegistryError as exc:\n        return None\n        if exc.error_code == ",
+        ("tests/test_registry.py::test_a_registry_error_during_promotion_is_an_error_and_moves_nothing",),
+    ),
+    Mutation(
+        "gate: leakage ignored",
+        "components/validate.py",
+        'if report["leakage"] and not cfg.allow_leakage:',
+        "if False:",
+        ("tests/test_validate.py",),
+    ),
+    Mutation(
+        "gate: the imbalance limit itself fails (> became >=)",
+        "components/validate.py",
+        'if balance["imbalance_ratio"] > cfg.max_imbalance_ratio:',
+        'if balance["imbalance_ratio"] >= cfg.max_imbalance_ratio:',
+        ("tests/test_validate.py",),
+    ),
+    Mutation(
+        "gate: a class at min_per_class fails (< became <=)",
+        "components/validate.py",
+        "if n < cfg.min_per_class)",
+        "if n <= cfg.min_per_class)",
+        ("tests/test_validate.py",),
+    ),
+    Mutation(
+        "gate: the label-issue limit itself fails (> became >=)",
+        "components/validate.py",
+        'audit["flagged_fraction"] > cfg.max_label_issue_fraction',
+        'audit["flagged_fraction"] >= cfg.max_label_issue_fraction',
+        ("tests/test_validate.py",),
+    ),
+    Mutation(
+        "early stopping: a tie counts as an improvement (< became <=)",
+        "components/train.py",
+        'if val_loss < best["val_loss"] - cfg.min_delta:',
+        'if val_loss <= best["val_loss"] - cfg.min_delta:',
+        ("tests/test_train.py",),
+    ),
+    Mutation(
+        "early stopping: patience off by one (>= became >)",
+        "components/train.py",
+        "if epoch < cfg.epochs and ctx.decide(bad_epochs >= cfg.patience, device):",
+        "if epoch < cfg.epochs and ctx.decide(bad_epochs > cfg.patience, device):",
+        ("tests/test_train.py",),
+    ),
+    Mutation(
+        "duplicates: the pixel confirmation accepts anything",
+        "components/duplicates.py",
+        "ok = (dist <= threshold) & ",
+        "ok = (dist <= threshold + 10) & ",
+        ("tests/test_duplicates.py",),
+    ),
+    Mutation(
+        "duplicates: the crop check's gain test dropped",
+        "components/duplicates.py",
+        "& (aligned <= ALIGN_GAIN * plain)",
+        "& (aligned <= 10 * plain)",
+        ("tests/test_duplicates.py",),
+    ),
+    Mutation(
+        "splits: the small-class floor dropped",
+        "components/splits.py",
+        "return max(int(fraction * n + 0.5), min(rule.min_eval_per_class, n // 6))",
+        "return int(fraction * n + 0.5)",
+        ("tests/test_splits.py",),
+    ),
+    Mutation(
+        "splits: new images ignore the recorded quota",
+        "components/splits.py",
+        'n_test = min(max(test - have.get("test", 0), 0), len(new))',
+        "n_test = min(test, len(new))",
+        ("tests/test_splits.py",),
+    ),
+]
+
+
+def scratch_copy(dest: Path) -> None:
+    """The tracked files (as they are in the working tree) and a `visiontune` package over them."""
+    files = (
+        subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True)
+        .stdout.decode()
+        .split("\0")
+    )
+    for name in filter(None, files):
+        src, dst = ROOT / name, dest / name
+        if src.is_file():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.write_bytes(src.read_bytes())
+    package = dest / "_import" / "visiontune"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    for sub in ("components", "pipelines"):
+        (package / sub).symlink_to(dest / sub, target_is_directory=True)
+
+
+def run(mutation: Mutation, timeout: float) -> tuple[str, float]:
+    """('caught: <test>' | 'MISSED' | 'not applied: ...', seconds) for one mutation."""
+    with tempfile.TemporaryDirectory(prefix="mutation-") as tmp:
+        copy = Path(tmp)
+        scratch_copy(copy)
+        target = copy / mutation.file
+        text = target.read_text()
+        if text.count(mutation.old) != 1:
+            return f"not applied: the snippet occurs {text.count(mutation.old)} times in {mutation.file}", 0.0
+        target.write_text(text.replace(mutation.old, mutation.new))
+        env = {**os.environ, "PYTHONPATH": str(copy / "_import"), "OMP_NUM_THREADS": "1"}
+        where = subprocess.run(
+            [sys.executable, "-c", "import visiontune.components as c; print(c.__file__)"],
+            env=env, capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        if not where.startswith(str(copy)):
+            return f"not applied: visiontune imports from {where.strip()}, not the copy", 0.0
+        started = time.perf_counter()
+        done = subprocess.run(
+            [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-m", "not gpu",
+             *mutation.tests],
+            cwd=copy, env=env, capture_output=True, text=True, timeout=timeout,
+        )  # fmt: skip
+        seconds = time.perf_counter() - started
+    if done.returncode == 0:
+        return "MISSED", seconds
+    failed = [line.split(" ", 2)[1] for line in done.stdout.splitlines() if line.startswith("FAILED ")]
+    if not failed:  # collection or usage errors are not a catch
+        return f"not run (pytest exit {done.returncode}): {done.stdout[-300:]}", seconds
+    return f"caught: {failed[0]}", seconds
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("only", nargs="*", help="run the mutations whose name contains any of these")
+    parser.add_argument("--list", action="store_true")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds per mutation")
+    args = parser.parse_args()
+    chosen = [m for m in MUTATIONS if not args.only or any(w in m.name for w in args.only)]
+    if args.list:
+        for m in chosen:
+            print(f"{m.name}  [{m.file}; {' '.join(m.tests)}]")
+        return 0
+    missed = 0
+    for m in chosen:
+        outcome, seconds = run(m, args.timeout)
+        missed += not outcome.startswith("caught")
+        print(f"{m.name:64s} {outcome}  ({seconds:.0f} s)", flush=True)
+    print(f"{len(chosen) - missed} of {len(chosen)} mutations caught")
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
