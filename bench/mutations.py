@@ -101,15 +101,15 @@ MUTATIONS = [
     Mutation(
         "early stopping: a tie counts as an improvement (< became <=)",
         "components/train.py",
-        'if val_loss < best["val_loss"] - cfg.min_delta:',
-        'if val_loss <= best["val_loss"] - cfg.min_delta:',
+        'if val_loss < progress.best["val_loss"] - run.cfg.min_delta:',
+        'if val_loss <= progress.best["val_loss"] - run.cfg.min_delta:',
         ("tests/test_train.py",),
     ),
     Mutation(
         "early stopping: patience off by one (>= became >)",
         "components/train.py",
-        "if epoch < cfg.epochs and ctx.decide(bad_epochs >= cfg.patience, device):",
-        "if epoch < cfg.epochs and ctx.decide(bad_epochs > cfg.patience, device):",
+        "patience_spent = progress.bad_epochs >= cfg.patience",
+        "patience_spent = progress.bad_epochs > cfg.patience",
         ("tests/test_train.py",),
     ),
     Mutation(

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from . import cache, images
 from . import model as models
@@ -42,8 +43,9 @@ class Findings:
 
 
 def embed(frame: pd.DataFrame, size: int | None, store: Path, batch_size: int = 256) -> np.ndarray:
-    """Pretrained features of the manifest's images, read from the decoded store."""
-    model, prep = models.embedder(size)
+    """Pretrained features of the manifest's images, read from the decoded store; on the GPU when
+    there is one."""
+    model, prep = models.embedder(size, "cuda" if torch.cuda.is_available() else "cpu")
     pixels, rows = cache.decoded(store, prep.size, frame["path"].tolist(), frame["sha256"].tolist())
     feats = []
     for i in range(0, len(rows), batch_size):

@@ -96,12 +96,27 @@ class TrainConfig(Section):
     probe_levels: int = Field(3, ge=0)  # linear: also read the last N stages/blocks; 0 = final features only
     lora: LoraConfig = LoraConfig()
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    bf16: bool = True  # autocast to bfloat16 on CUDA (ignored on CPU)
-    channels_last: bool = True
+    # the device policy; auto resolves per model family, image size and device (components/policy.py)
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # autocast dtype of forward passes
+    memory_format: Literal["auto", "channels_last", "contiguous"] = "auto"
+    cudnn_benchmark: bool | Literal["auto"] = "auto"  # cuDNN autotuning, with fixed batch shapes
+    fused_optimizer: bool | Literal["auto"] = "auto"  # AdamW's fused CUDA kernel
     compile: bool = False  # torch.compile the model (slow to start; pays off on long GPU runs)
     deterministic: bool = False  # deterministic kernels (slower on GPU)
     nproc: int = Field(1, ge=1)  # data-parallel processes (torchrun); batch_size stays the global batch
     dist_timeout_s: float = Field(300, gt=0)  # a collective waiting longer than this fails the run
+
+    @model_validator(mode="before")
+    @classmethod
+    def _earlier_keys(cls, raw: Any) -> Any:
+        """params.yaml files from before the device policy: bf16 and channels_last still read."""
+        if isinstance(raw, dict) and ("bf16" in raw or "channels_last" in raw):
+            raw = dict(raw)
+            if raw.pop("bf16", True) is False:
+                raw.setdefault("precision", "fp32")
+            if raw.pop("channels_last", True) is False:
+                raw.setdefault("memory_format", "contiguous")
+        return raw
 
     @property
     def base_lr(self) -> float:

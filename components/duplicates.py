@@ -15,7 +15,6 @@ runs nothing.
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -95,7 +94,7 @@ def pixel_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def _each_image(view, paths: list[str], max_pixels: int) -> list:
     """view(image) of each file, decoded by the project's decoder in threads (Pillow releases the GIL)."""
-    with ThreadPoolExecutor(max_workers=min(8, 2 * (os.cpu_count() or 1))) as pool:
+    with ThreadPoolExecutor(max_workers=images.decode_threads()) as pool:
         return list(pool.map(lambda p: view(images.load_image(p, max_pixels)), paths))
 
 

@@ -31,6 +31,12 @@ class ImageTooLargeError(ImageDecodeError):
     """An image with more pixels than the limit (a decompression bomb, or a limit set too low)."""
 
 
+def decode_threads() -> int:
+    """Threads that decode images at once: two per core (PIL releases the GIL while it decodes),
+    at most 32."""
+    return min(32, 2 * (os.cpu_count() or 1))
+
+
 def sha256_file(path: Path) -> str:
     """Hex SHA-256 of a file's bytes, read in 1 MiB chunks."""
     digest = hashlib.sha256()
@@ -142,7 +148,7 @@ def load_batch(paths: Sequence[str | Path], size: int) -> np.ndarray:
     def fill(i: int) -> None:
         out[i] = load_resized(paths[i], size)
 
-    with ThreadPoolExecutor(max_workers=min(8, 2 * (os.cpu_count() or 1))) as pool:
+    with ThreadPoolExecutor(max_workers=decode_threads()) as pool:
         list(pool.map(fill, range(len(paths))))
     return out
 

@@ -152,19 +152,21 @@ def create(cfg: ModelConfig, num_classes: int) -> tuple[nn.Module, Preprocessing
 AUDIT_STAGES = (2, 3, 4)  # Lite0's mid-level stages (40 + 112 + 320 channels): label-audit features
 
 
-def embedder(size: int | None) -> tuple[nn.Module, Preprocessing]:
-    """The embedded ImageNet Lite0 as a frozen feature extractor at `size` px (None: 224)."""
+def embedder(size: int | None, device: str = "cpu") -> tuple[nn.Module, Preprocessing]:
+    """The embedded ImageNet Lite0 as a frozen feature extractor at `size` px (None: 224), on `device`."""
     model, prep = create(ModelConfig(name=EMBEDDED, image_size=size), num_classes=1000)
-    return model.eval(), prep
+    return model.eval().to(device), prep
 
 
 @torch.no_grad()
 def pooled_stage_features(model: nn.Module, x: np.ndarray) -> np.ndarray:
-    """Global-average-pooled features of AUDIT_STAGES, concatenated, for one normalized batch."""
+    """Global-average-pooled features of AUDIT_STAGES, concatenated, for one normalized batch
+    (computed on the model's device, returned on the CPU)."""
+    device = next(model.parameters()).device
     stages = model.forward_intermediates(
-        torch.from_numpy(x), indices=list(AUDIT_STAGES), intermediates_only=True
+        torch.from_numpy(x).to(device), indices=list(AUDIT_STAGES), intermediates_only=True
     )
-    return torch.cat([f.mean((2, 3)) for f in stages], dim=1).numpy()
+    return torch.cat([f.mean((2, 3)) for f in stages], dim=1).cpu().numpy()
 
 
 def depth_groups(model: nn.Module) -> dict[str, int]:
@@ -333,6 +335,16 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, total
+
+
+def family(model: nn.Module) -> str:
+    """'transformer' (no convolution but a patch embedding), 'depthwise' (a CNN built mostly of
+    depthwise convolutions: EfficientNet, MobileNet) or 'cnn' (dense convolutions: ResNet)."""
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    if len(convs) <= 1:
+        return "transformer"
+    depthwise = sum(m.groups > 1 and m.groups == m.in_channels for m in convs)
+    return "depthwise" if depthwise >= len(convs) / 10 else "cnn"  # squeeze-excite adds 1x1 convs
 
 
 def head_parameters(model: nn.Module) -> Iterator[nn.Parameter]:

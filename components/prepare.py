@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from . import manifest
+from . import images, manifest
 from .config import BaseConfig, DataConfig
 from .duplicates import perceptual_hash
 from .errors import VisiontuneError
@@ -228,7 +228,7 @@ def resolve_source(source: str, out: Path) -> tuple[pd.DataFrame, list[str]]:
 
 def _inspect_all(rows: pd.DataFrame, source: str, max_pixels: int) -> tuple[pd.DataFrame, list[dict]]:
     """The decodable rows with their facts (sha256, size, ...) in path order, and the quarantined ones."""
-    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
+    with ThreadPoolExecutor(max_workers=images.decode_threads()) as pool:
         facts = list(pool.map(lambda p: _inspect(p, max_pixels), rows["path"]))
     info = pd.DataFrame(facts, index=rows.index)
     if "error" not in info:

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from . import cache, distributed, images, manifest
 from . import model as models
+from . import policy as policy_
 from .config import BaseConfig, ModelConfig, TrainConfig
 from .errors import VisiontuneError
 
@@ -52,6 +53,7 @@ class TrainResult:
     train_images: int
     image_size: int  # px, as trained (model.image_size resolved)
     image_size_reason: str
+    device_policy: dict  # precision, memory_format, cudnn_benchmark, fused_optimizer as resolved; reason
     trainable_parameters: int
     total_parameters: int
     trainable_percent: float
@@ -175,22 +177,31 @@ def epoch_order(labels: np.ndarray, gen: torch.Generator, balanced: bool) -> np.
     return torch.multinomial(torch.tensor(per_image), n, replacement=True, generator=gen).numpy()
 
 
-def _plain_batches(pixels, rows, prep, device, batch_size) -> Iterator[tuple[slice, torch.Tensor]]:
-    """(slice of rows, normalized un-augmented batch on the device), in order, read ahead."""
+def _plain_batches(
+    pixels, rows, prep, device, batch_size, memory_format=torch.contiguous_format, pad: bool = False
+) -> Iterator[tuple[slice, torch.Tensor]]:
+    """(slice of rows, normalized un-augmented batch on the device), in order, read ahead. With
+    pad, a short last batch is filled up with zero images to batch_size rows (one shape for
+    cuDNN's autotuner); callers keep the first len(rows[span]) outputs."""
     spans = [slice(i, i + batch_size) for i in range(0, len(rows), batch_size)]
     reads = read_ahead(pixels, [rows[s] for s in spans], pin=device.type == "cuda")
     for span, host in zip(spans, reads, strict=True):
-        yield span, images.normalize_tensor(host.to(device, non_blocking=True), prep.mean, prep.std)
+        if pad and len(host) < batch_size:
+            host = torch.cat([host, host.new_zeros((batch_size - len(host), *host.shape[1:]))])
+        x = images.normalize_tensor(host.to(device, non_blocking=True), prep.mean, prep.std)
+        yield span, x.contiguous(memory_format=memory_format)
 
 
 @torch.no_grad()
-def _evaluate(model, pixels, rows, y, prep, device, batch_size, autocast, n_classes) -> np.ndarray:
+def _evaluate(
+    model, pixels, rows, y, prep, device, batch_size, autocast, n_classes, **batching
+) -> np.ndarray:
     """[loss sum, confusion counts...] over these rows: sums, so that ranks can add theirs up."""
     model.eval()
     loss, predicted = torch.zeros((), device=device), []  # kept on the device: one read at the end
-    for span, x in _plain_batches(pixels, rows, prep, device, batch_size):
+    for span, x in _plain_batches(pixels, rows, prep, device, batch_size, **batching):
         with autocast():
-            logits = model(x).float()
+            logits = model(x).float()[: len(rows[span])]
         target = torch.from_numpy(y[span]).to(device, non_blocking=True)
         loss += F.cross_entropy(logits, target, reduction="sum")
         predicted.append(logits.argmax(1))
@@ -218,14 +229,14 @@ def read_ahead(pixels: np.ndarray, row_batches: Sequence[np.ndarray], pin: bool)
 
 
 @torch.no_grad()
-def _probe_sums(probe, pixels, rows, prep, device, batch_size, autocast) -> np.ndarray:
+def _probe_sums(probe, pixels, rows, prep, device, batch_size, autocast, **batching) -> np.ndarray:
     """[count, Σx…, Σx²…] of a LevelProbe's features over these (un-augmented) images."""
     probe.eval()
     width = probe.mean.numel()
     sums = np.zeros(1 + 2 * width)
-    for _, x in _plain_batches(pixels, rows, prep, device, batch_size):
+    for span, x in _plain_batches(pixels, rows, prep, device, batch_size, **batching):
         with autocast():
-            f = probe.features(x).float().cpu().double()
+            f = probe.features(x).float()[: len(rows[span])].cpu().double()
         sums += np.concatenate([[len(f)], f.sum(0).numpy(), (f * f).sum(0).numpy()])
     return sums
 
@@ -251,39 +262,48 @@ def _fingerprint(cfg: TrainConfig, model_cfg: ModelConfig, base: BaseConfig, man
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _save_resume(folder: Path, model, optimizer, gen, best_state, info: dict) -> None:
+def _save_resume(run: _Run, progress: _Progress, folder: Path, epoch: int) -> None:
     """Everything needed to continue after this epoch, as safetensors + JSON (no pickle)."""
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tensors |= {f"best.{k}": v for k, v in (best_state or {}).items()}
-    opt = optimizer.state_dict()
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in run.model.state_dict().items()}
+    tensors |= {f"best.{k}": v for k, v in (progress.best_state or {}).items()}
+    opt = run.optimizer.state_dict()
     for idx, state in opt["state"].items():
         for key, value in state.items():
             tensors[f"opt.{idx}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
-    tensors["rng.gen"] = gen.get_state()
+    tensors["rng.gen"] = run.gen.get_state()
     tensors["rng.torch"] = torch.get_rng_state()
     save_file(tensors, tmp / "state.safetensors")
+    info = {
+        "fingerprint": run.fingerprint, "epoch": epoch, "step": progress.step, "history": progress.history,
+        "best": progress.best, "bad_epochs": progress.bad_epochs, "scaler": run.scaler.state_dict(),
+    }  # fmt: skip
     (tmp / "state.json").write_text(json.dumps({**info, "param_groups": opt["param_groups"]}))
     shutil.rmtree(folder, ignore_errors=True)
     tmp.replace(folder)  # the old state stays until the new one is complete
 
 
-def _load_resume(folder: Path, model, optimizer, gen) -> tuple[dict, dict | None]:
+def _load_resume(run: _Run, folder: Path) -> _Progress:
+    """The progress saved in folder; the model, optimizer, loss scale and random states as they were."""
     tensors = load_file(folder / "state.safetensors")
     info = json.loads((folder / "state.json").read_text())
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")} or None
+    run.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    best_state = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")} or None
     state: dict[int, dict] = {}
     for key, value in tensors.items():
         if key.startswith("opt."):
             _, idx, name = key.split(".", 2)
             state.setdefault(int(idx), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": info.pop("param_groups")})
-    gen.set_state(tensors["rng.gen"])
+    run.optimizer.load_state_dict({"state": state, "param_groups": info.pop("param_groups")})
+    if info.get("scaler"):
+        run.scaler.load_state_dict(info["scaler"])
+    run.gen.set_state(tensors["rng.gen"])
     torch.set_rng_state(tensors["rng.torch"])
-    return info, best
+    return _Progress(
+        info["history"], info["best"], best_state, info["step"], info["bad_epochs"], info["epoch"]
+    )
 
 
 def _build(cfg: TrainConfig, model_cfg: ModelConfig, n_classes: int):
@@ -322,10 +342,111 @@ def train(
         distributed.shutdown()
 
 
+@dataclass
+class _Run:
+    """What every epoch of one training run uses; fixed once set up."""
+
+    ctx: distributed.Context
+    cfg: TrainConfig
+    device: torch.device
+    policy: policy_.DevicePolicy
+    memory_format: torch.memory_format
+    autocast: Callable
+    scaler: torch.amp.GradScaler
+    model: torch.nn.Module  # the model itself (its state is what is saved)
+    ddp: torch.nn.Module  # the model, DDP-wrapped under several processes
+    forward: torch.nn.Module  # what the training step calls (ddp, compiled with train.compile)
+    frozen: list[torch.nn.Module]
+    prep: models.Preprocessing
+    size: models.SizeChoice
+    class_names: list[str]
+    pixels: np.ndarray  # the decoded store
+    x_train: np.ndarray  # store rows of the train split
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    loss_weights: torch.Tensor | None
+    optimizer: torch.optim.Optimizer
+    base_lrs: list[float]
+    gen: torch.Generator
+    randaugment: Callable | None
+    warmup: int
+    total_steps: int
+    fingerprint: str
+    say: Callable[[str], None]
+
+
+@dataclass
+class _Progress:
+    """What changes from epoch to epoch, saved after each one so that a killed run resumes."""
+
+    history: list[dict]
+    best: dict  # val_loss, epoch, val_accuracy of the best epoch so far
+    best_state: dict | None  # its weights (rank 0 only)
+    step: int  # optimizer steps taken
+    bad_epochs: int  # epochs since the val loss last improved
+    resumed_from: int  # the last epoch finished before this process started (0: a fresh run)
+
+
 def _train(ctx, rank_device, cfg, model_cfg, base, prepared, out, store, resume, on_epoch_end) -> TrainResult:
+    """Set up, then per epoch: train, validate, keep the best weights and the state to resume from,
+    and stop once the val loss has not improved for train.patience epochs. Rank 0 then writes the
+    checkpoint, history.csv and train.json."""
     started = time.perf_counter()
-    say = tqdm.write if ctx.main else (lambda *_: None)
     out.mkdir(parents=True, exist_ok=True)
+    run = _setup(ctx, rank_device, cfg, model_cfg, base, prepared, out, store)
+    progress = _resume_or_start(run, out / RESUME, resume)
+    _ready_to_train(run, progress)
+    history = progress.history
+    # early stopping means fewer epochs than train.epochs, never merely a last epoch without progress
+    stopped_early = (
+        bool(history) and progress.bad_epochs >= cfg.patience and history[-1]["epoch"] < cfg.epochs
+    )
+    for epoch in range(progress.resumed_from + 1, cfg.epochs + 1):
+        if stopped_early:
+            break
+        t0 = time.perf_counter()
+        seen, loss_sum = _train_one_epoch(run, progress, epoch)
+        train_seconds = time.perf_counter() - t0
+        val_loss, val_acc, val_f1 = _validate(run)
+        row = {
+            "epoch": epoch,
+            "train_loss": loss_sum / max(1, seen),
+            "val_loss": val_loss,
+            "val_accuracy": val_acc,
+            "val_macro_f1": val_f1,
+            "lr": cfg.base_lr * lr_factor(max(0, progress.step - 1), run.warmup, run.total_steps),
+            "images_per_s": seen / train_seconds,
+            "seconds": time.perf_counter() - t0,
+        }
+        history.append(row)
+        run.say(
+            f"epoch {epoch}/{cfg.epochs}: train loss {row['train_loss']:.4f}  val loss {val_loss:.4f}"
+            f"  val acc {val_acc:.4f}  {row['images_per_s']:.0f} img/s"
+        )
+        _keep_best(run, progress, epoch, val_loss, val_acc)
+        if ctx.main:
+            _save_resume(run, progress, out / RESUME, epoch)
+            if on_epoch_end is not None:  # e.g. a benchmark scoring the test split; not part of training
+                on_epoch_end(epoch, run.model)
+        patience_spent = progress.bad_epochs >= cfg.patience
+        if epoch < cfg.epochs and ctx.decide(patience_spent, run.device):  # rank 0 decides for all
+            stopped_early = True
+            run.say(f"early stop: val loss has not improved for {cfg.patience} epochs")
+    if not ctx.main:  # rank 0 writes the checkpoint; the others take its result
+        ctx.barrier()
+        return TrainResult(**json.loads((out / "train.json").read_text()))
+    result = _finish(run, progress, model_cfg, base, out, stopped_early, started)
+    ctx.barrier()
+    return result
+
+
+def _setup(
+    ctx, rank_device, cfg: TrainConfig, model_cfg: ModelConfig, base: BaseConfig, prepared, out, store
+) -> _Run:
+    """The model on its device under the device policy, the decoded store and the split's rows,
+    the optimizer and the schedule's lengths."""
+    say = tqdm.write if ctx.main else (lambda *_: None)
     manifest_path = prepared / "manifest.csv"
     frame = manifest.read(manifest_path)
     class_names = manifest.class_names(frame)
@@ -341,14 +462,16 @@ def _train(ctx, rank_device, cfg, model_cfg, base, prepared, out, store, resume,
     say(f"{cfg.method}: {trainable:,} of {total:,} parameters train ({100 * trainable / total:.2f} %)")
     if ctx.world > 1:
         say(f"data-parallel: {ctx.world} processes on {device.type}, global batch {cfg.batch_size}")
-    model.to(device)
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
-    autocast = (
-        (lambda: torch.autocast("cuda", dtype=torch.bfloat16))
-        if device.type == "cuda" and cfg.bf16
-        else nullcontext
+    bf16_ok = device.type != "cuda" or torch.cuda.is_bf16_supported()
+    policy = policy_.resolve(cfg, models.family(model), size.size, device.type, bf16_ok)
+    say(f"device policy: {policy.reason}")
+    torch.backends.cudnn.benchmark = policy.cudnn_benchmark
+    memory_format = (
+        torch.channels_last if policy.memory_format == "channels_last" else torch.contiguous_format
     )
+    model.to(device).to(memory_format=memory_format)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(policy.precision)
+    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype is not None else nullcontext
 
     train_rows, val_rows = frame[frame["split"] == "train"], frame[frame["split"] == "val"]
     pixels, rows = cache.decoded(
@@ -360,192 +483,208 @@ def _train(ctx, rank_device, cfg, model_cfg, base, prepared, out, store, resume,
         barrier=ctx.barrier,
     )  # decoded once per resolution; epochs read this memory map
     row_of = dict(zip(frame["path"], rows, strict=True))
-    x_train = np.array([row_of[p] for p in train_rows["path"]], dtype=np.int64)
-    x_val = np.array([row_of[p] for p in val_rows["path"]], dtype=np.int64)
     y_train = np.array(train_rows["label"].map(index), dtype=np.int64)
-    y_val = np.array(val_rows["label"].map(index), dtype=np.int64)
-    n = len(y_train)
-    loss_weights = class_weights(y_train, len(class_names)).to(device) if cfg.imbalance == "weights" else None
-
-    optimizer = torch.optim.AdamW(param_groups(model, cfg))
-    base_lrs = [g["lr"] for g in optimizer.param_groups]
-    micro = cfg.batch_size
-    steps_per_epoch = max(1, math.ceil(math.ceil(n / micro) / cfg.grad_accum))
-    total_steps = steps_per_epoch * cfg.epochs
-    warmup = round(cfg.warmup_epochs * steps_per_epoch)
-    gen = torch.Generator().manual_seed(base.seed)
+    weights = class_weights(y_train, len(class_names)).to(device) if cfg.imbalance == "weights" else None
+    optimizer = torch.optim.AdamW(param_groups(model, cfg), fused=policy.fused_optimizer or None)
+    steps_per_epoch = max(
+        1, math.ceil(len(_batches(np.arange(len(y_train)), cfg.batch_size, policy)) / cfg.grad_accum)
+    )
     randaugment = None
     if cfg.randaugment:
         from torchvision.transforms import v2
 
         randaugment = v2.RandAugment(num_ops=cfg.randaugment, magnitude=9)  # draws from torch's seeded RNG
+    return _Run(
+        ctx=ctx, cfg=cfg, device=device, policy=policy, memory_format=memory_format, autocast=autocast,
+        scaler=torch.amp.GradScaler(device.type, enabled=policy.precision == "fp16"),
+        model=model, ddp=model, forward=model, frozen=frozen, prep=prep, size=size, class_names=class_names,
+        pixels=pixels,
+        x_train=np.array([row_of[p] for p in train_rows["path"]], dtype=np.int64), y_train=y_train,
+        x_val=np.array([row_of[p] for p in val_rows["path"]], dtype=np.int64),
+        y_val=np.array(val_rows["label"].map(index), dtype=np.int64),
+        loss_weights=weights,
+        optimizer=optimizer, base_lrs=[g["lr"] for g in optimizer.param_groups],
+        gen=torch.Generator().manual_seed(base.seed), randaugment=randaugment,
+        warmup=round(cfg.warmup_epochs * steps_per_epoch), total_steps=steps_per_epoch * cfg.epochs,
+        fingerprint=_fingerprint(cfg, model_cfg, base, images.sha256_file(manifest_path)), say=say,
+    )  # fmt: skip
 
-    history: list[dict] = []
-    best = {"val_loss": math.inf, "epoch": 0, "val_accuracy": 0.0}
-    best_state, step, bad_epochs, start_epoch = None, 0, 0, 1
-    fingerprint = _fingerprint(cfg, model_cfg, base, images.sha256_file(manifest_path))
-    resume_dir = out / RESUME
+
+def _batches(order: np.ndarray, batch_size: int, policy: policy_.DevicePolicy) -> list[np.ndarray]:
+    """The epoch's global batches in `order`. With cuDNN autotuning every batch keeps one shape:
+    a short last batch is left out (the next epoch's order puts other images there)."""
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    if policy.cudnn_benchmark and len(batches) > 1 and len(batches[-1]) < batch_size:
+        batches.pop()
+    return batches
+
+
+def _resume_or_start(run: _Run, resume_dir: Path, resume: str) -> _Progress:
+    """The progress saved after the last finished epoch of this same run (same params, same
+    manifest), or a fresh start; resume='never' discards a saved state, 'must' requires one."""
+    progress = _Progress([], {"val_loss": math.inf, "epoch": 0, "val_accuracy": 0.0}, None, 0, 0, 0)
     saved = resume_dir / "state.json"
     if resume == "never":
-        if ctx.main:
+        if run.ctx.main:
             shutil.rmtree(resume_dir, ignore_errors=True)
-    elif saved.exists() and json.loads(saved.read_text()).get("fingerprint") == fingerprint:
-        info, best_state = _load_resume(resume_dir, model, optimizer, gen)
-        history, best, step, bad_epochs = info["history"], info["best"], info["step"], info["bad_epochs"]
-        start_epoch = info["epoch"] + 1
-        say(f"resuming after epoch {info['epoch']} from {resume_dir}")
+    elif saved.exists() and json.loads(saved.read_text()).get("fingerprint") == run.fingerprint:
+        progress = _load_resume(run, resume_dir)
+        run.say(f"resuming after epoch {progress.resumed_from} from {resume_dir}")
     elif resume == "must":
         raise VisiontuneError(f"{resume_dir}: no saved state of this run to resume; run without --resume")
-    resumed_from = start_epoch - 1
-    if isinstance(model, models.LevelProbe) and not resumed_from:  # resumed: the statistics were saved
-        sums = ctx.sum(_probe_sums(model, pixels, ctx.shard(x_train), prep, device, micro, autocast), device)
-        width = model.mean.numel()
-        model.standardize(sums[0], sums[1 : 1 + width], sums[1 + width :])
-    ddp = model
-    if ctx.world > 1:  # after resuming: every rank starts from the same state
+    return progress
+
+
+def _ready_to_train(run: _Run, progress: _Progress) -> None:
+    """A fresh linear probe measures its feature statistics; then the model is wrapped for DDP
+    (every rank starts from the same state) and compiled when train.compile asks."""
+    if isinstance(run.model, models.LevelProbe) and not progress.resumed_from:  # resumed: they were saved
+        sums = _probe_sums(
+            run.model, run.pixels, run.ctx.shard(run.x_train), run.prep, run.device, run.cfg.batch_size,
+            run.autocast, memory_format=run.memory_format, pad=run.policy.cudnn_benchmark,
+        )  # fmt: skip
+        sums = run.ctx.sum(sums, run.device)
+        width = run.model.mean.numel()
+        run.model.standardize(sums[0], sums[1 : 1 + width], sums[1 + width :])
+    if run.ctx.world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    forward = torch.compile(ddp) if cfg.compile else ddp
+        ids = [run.device.index] if run.device.type == "cuda" else None
+        run.ddp = DistributedDataParallel(run.model, device_ids=ids)
+    run.forward = torch.compile(run.ddp) if run.cfg.compile else run.ddp
 
-    # early stopping means fewer epochs than train.epochs, never merely a last epoch without progress
-    stopped_early = bool(history) and bad_epochs >= cfg.patience and history[-1]["epoch"] < cfg.epochs
-    for epoch in range(start_epoch, cfg.epochs + 1):
-        if stopped_early:
-            break
-        model.train()
-        for module in frozen:
-            module.eval()
-        t0, seen, loss_sum = time.perf_counter(), 0, torch.zeros((), device=device)
-        shown = t0
-        order = epoch_order(y_train, gen, cfg.imbalance == "sampler")
-        bar = tqdm(
-            total=n,
-            unit="img",
-            desc=f"epoch {epoch}/{cfg.epochs}",
-            leave=False,
-            mininterval=1.0,
-            disable=None if ctx.main else True,  # rank 0 shows every rank's images together
-        )
-        optimizer.zero_grad(set_to_none=True)
-        batches = [order[i : i + micro] for i in range(0, n, micro)]
-        shares = [ctx.shard(idx) for idx in batches]  # this rank's share of each global batch
-        reads = read_ahead(pixels, [x_train[mine] for mine in shares], pin=device.type == "cuda")
-        for b, (idx, mine, host) in enumerate(zip(batches, shares, reads, strict=True)):
-            if len(idx) < 2 * ctx.world:  # batch norm cannot train on a single image
-                continue
-            batch = host.to(device, non_blocking=True)
-            if randaugment is not None:  # per image on uint8 NCHW, then back to NHWC
-                chw = batch.permute(0, 3, 1, 2)
-                batch = torch.stack([randaugment(img) for img in chw]).permute(0, 2, 3, 1)
-            part = None if ctx.world == 1 else (ctx.rank, ctx.world, len(idx))
-            x = augment(images.unit_tensor(batch), gen, cfg.crop_scale, cfg.hflip, cfg.color_jitter, part)
-            x = images.standardize_tensor(x, prep.mean, prep.std)
-            if cfg.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            y = torch.from_numpy(y_train[mine]).to(device, non_blocking=True)
-            with autocast():
-                if cfg.mixup > 0:
-                    lam = float(torch.distributions.Beta(cfg.mixup, cfg.mixup).sample())
-                    perm = torch.randperm(len(idx), generator=gen)  # drawn alike on every rank
-                    if ctx.world > 1:  # pairs within this rank's share
-                        perm = torch.argsort(perm[ctx.rank :: ctx.world])
-                    perm = perm.to(device, non_blocking=True)
-                    logits = forward(lam * x + (1 - lam) * x[perm])
-                    loss = lam * F.cross_entropy(
-                        logits, y, weight=loss_weights, label_smoothing=cfg.label_smoothing
-                    ) + (1 - lam) * F.cross_entropy(
-                        logits, y[perm], weight=loss_weights, label_smoothing=cfg.label_smoothing
-                    )
-                else:
-                    logits = forward(x)
-                    loss = F.cross_entropy(
-                        logits, y, weight=loss_weights, label_smoothing=cfg.label_smoothing
-                    )
-            stepping = (b + 1) % cfg.grad_accum == 0 or b == len(batches) - 1
-            # DDP averages gradients over ranks; this weight makes the average the global batch mean
-            weight = ctx.world * len(mine) / len(idx) / cfg.grad_accum
-            with ddp.no_sync() if ctx.world > 1 and not stepping else nullcontext():
-                (loss * weight).backward()
-            if stepping:
-                if cfg.clip_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
-                factor = lr_factor(step, warmup, total_steps)
-                for group, lr in zip(optimizer.param_groups, base_lrs, strict=True):
-                    group["lr"] = lr * factor
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-            seen += len(mine)
-            # recorded without smoothing or weights, so that it compares with val loss
-            loss_sum += F.cross_entropy(logits.detach().float(), y, reduction="sum")  # on the device: no sync
-            bar.update(len(idx))
-            if time.perf_counter() - shown >= 1.0:  # reading the loss waits for the GPU: once a second
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-                shown = time.perf_counter()
-        bar.close()
-        seen, loss_sum = ctx.sum([seen, float(loss_sum)], device)  # every rank's images
-        train_seconds = time.perf_counter() - t0
-        scorer = forward if ctx.world == 1 else model  # each rank scores its share of val, no DDP hooks
-        sums = _evaluate(
-            scorer, pixels, ctx.shard(x_val), ctx.shard(y_val), prep, device, cfg.batch_size * 2, autocast,
-            len(class_names),
-        )  # fmt: skip
-        val_loss, val_acc, val_f1 = _val_metrics(ctx.sum(sums, device), len(class_names))
-        row = {
-            "epoch": epoch,
-            "train_loss": loss_sum / max(1, seen),
-            "val_loss": val_loss,
-            "val_accuracy": val_acc,
-            "val_macro_f1": val_f1,
-            "lr": cfg.base_lr * lr_factor(max(0, step - 1), warmup, total_steps),
-            "images_per_s": seen / train_seconds,
-            "seconds": time.perf_counter() - t0,
-        }
-        history.append(row)
-        say(
-            f"epoch {epoch}/{cfg.epochs}: train loss {row['train_loss']:.4f}  val loss {val_loss:.4f}"
-            f"  val acc {val_acc:.4f}  {row['images_per_s']:.0f} img/s"
-        )
-        if val_loss < best["val_loss"] - cfg.min_delta:
-            best = {"val_loss": val_loss, "epoch": epoch, "val_accuracy": val_acc}
-            if ctx.main:
-                best_state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-            bad_epochs = 0
-        else:
-            bad_epochs += 1
-        if ctx.main:
-            info = {"fingerprint": fingerprint, "epoch": epoch, "step": step, "history": history}
-            _save_resume(
-                resume_dir,
-                model,
-                optimizer,
-                gen,
-                best_state,
-                {**info, "best": best, "bad_epochs": bad_epochs},
-            )
-            if on_epoch_end is not None:  # e.g. a benchmark scoring the test split; not part of training
-                on_epoch_end(epoch, model)
-        if epoch < cfg.epochs and ctx.decide(bad_epochs >= cfg.patience, device):  # rank 0 decides for all
-            stopped_early = True
-            say(f"early stop: val loss has not improved for {cfg.patience} epochs")
 
-    if not ctx.main:  # rank 0 writes the checkpoint; the others take its result
-        ctx.barrier()
-        return TrainResult(**json.loads((out / "train.json").read_text()))
+def _train_one_epoch(run: _Run, progress: _Progress, epoch: int) -> tuple[float, float]:
+    """One pass over the train split in a fresh seeded order: (images seen by all ranks, their
+    summed cross-entropy without smoothing or weights, comparable with the val loss)."""
+    ctx, cfg, device = run.ctx, run.cfg, run.device
+    run.model.train()
+    for module in run.frozen:
+        module.eval()
+    seen, loss_sum = 0, torch.zeros((), device=device)
+    shown = time.perf_counter()
+    order = epoch_order(run.y_train, run.gen, cfg.imbalance == "sampler")
+    batches = _batches(order, cfg.batch_size, run.policy)
+    shares = [ctx.shard(idx) for idx in batches]  # this rank's share of each global batch
+    reads = read_ahead(run.pixels, [run.x_train[mine] for mine in shares], pin=device.type == "cuda")
+    bar = tqdm(
+        total=sum(map(len, batches)), unit="img", desc=f"epoch {epoch}/{cfg.epochs}", leave=False,
+        mininterval=1.0, disable=None if ctx.main else True,  # rank 0 shows every rank's images together
+    )  # fmt: skip
+    run.optimizer.zero_grad(set_to_none=True)
+    for b, (idx, mine, host) in enumerate(zip(batches, shares, reads, strict=True)):
+        if len(idx) < 2 * ctx.world:  # batch norm cannot train on a single image
+            continue
+        x, y = _training_batch(run, host, mine, len(idx))
+        logits, loss = _forward_loss(run, x, y, len(idx))
+        stepping = (b + 1) % cfg.grad_accum == 0 or b == len(batches) - 1
+        # DDP averages gradients over ranks; this weight makes the average the global batch mean
+        weight = ctx.world * len(mine) / len(idx) / cfg.grad_accum
+        with run.ddp.no_sync() if ctx.world > 1 and not stepping else nullcontext():
+            run.scaler.scale(loss * weight).backward()
+        if stepping:
+            _optimizer_step(run, progress)
+        seen += len(mine)
+        loss_sum += F.cross_entropy(logits.detach().float(), y, reduction="sum")  # on the device: no sync
+        bar.update(len(idx))
+        if time.perf_counter() - shown >= 1.0:  # reading the loss waits for the GPU: once a second
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            shown = time.perf_counter()
+    bar.close()
+    seen, loss_sum = ctx.sum([seen, float(loss_sum)], device)  # every rank's images
+    return seen, loss_sum
 
-    if best_state is None:
+
+def _training_batch(run: _Run, host: torch.Tensor, mine: np.ndarray, global_size: int):
+    """(augmented, standardized images on the device, their labels) for this rank's share."""
+    cfg, ctx = run.cfg, run.ctx
+    batch = host.to(run.device, non_blocking=True)
+    if run.randaugment is not None:  # per image on uint8 NCHW, then back to NHWC
+        chw = batch.permute(0, 3, 1, 2)
+        batch = torch.stack([run.randaugment(img) for img in chw]).permute(0, 2, 3, 1)
+    part = None if ctx.world == 1 else (ctx.rank, ctx.world, global_size)
+    x = augment(images.unit_tensor(batch), run.gen, cfg.crop_scale, cfg.hflip, cfg.color_jitter, part)
+    x = images.standardize_tensor(x, run.prep.mean, run.prep.std).contiguous(memory_format=run.memory_format)
+    return x, torch.from_numpy(run.y_train[mine]).to(run.device, non_blocking=True)
+
+
+def _forward_loss(run: _Run, x: torch.Tensor, y: torch.Tensor, global_size: int):
+    """(logits, training loss) under autocast: label-smoothed, class-weighted, mixed up with train.mixup."""
+    cfg = run.cfg
+
+    def loss_of(logits, target):
+        return F.cross_entropy(logits, target, weight=run.loss_weights, label_smoothing=cfg.label_smoothing)
+
+    with run.autocast():
+        if cfg.mixup <= 0:
+            logits = run.forward(x)
+            return logits, loss_of(logits, y)
+        lam = float(torch.distributions.Beta(cfg.mixup, cfg.mixup).sample())
+        perm = torch.randperm(global_size, generator=run.gen)  # drawn alike on every rank
+        if run.ctx.world > 1:  # pairs within this rank's share
+            perm = torch.argsort(perm[run.ctx.rank :: run.ctx.world])
+        perm = perm.to(run.device, non_blocking=True)
+        logits = run.forward(lam * x + (1 - lam) * x[perm])
+        return logits, lam * loss_of(logits, y) + (1 - lam) * loss_of(logits, y[perm])
+
+
+def _optimizer_step(run: _Run, progress: _Progress) -> None:
+    """Clip (train.clip_grad_norm), set the scheduled learning rates, step, and count the step."""
+    if run.cfg.clip_grad_norm is not None:
+        run.scaler.unscale_(run.optimizer)  # clip the true gradients (a no-op unless fp16)
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.clip_grad_norm)
+    factor = lr_factor(progress.step, run.warmup, run.total_steps)
+    for group, lr in zip(run.optimizer.param_groups, run.base_lrs, strict=True):
+        group["lr"] = lr * factor
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    progress.step += 1
+
+
+def _validate(run: _Run) -> tuple[float, float, float]:
+    """(val loss, accuracy, macro F1) over the whole val split; each rank scores its share."""
+    scorer = run.forward if run.ctx.world == 1 else run.model  # no DDP hooks outside training
+    sums = _evaluate(
+        scorer, run.pixels, run.ctx.shard(run.x_val), run.ctx.shard(run.y_val), run.prep, run.device,
+        run.cfg.batch_size * 2, run.autocast, len(run.class_names),
+        memory_format=run.memory_format, pad=run.policy.cudnn_benchmark,
+    )  # fmt: skip
+    return _val_metrics(run.ctx.sum(sums, run.device), len(run.class_names))
+
+
+def _keep_best(run: _Run, progress: _Progress, epoch: int, val_loss: float, val_acc: float) -> None:
+    """A val loss lower than the best by more than train.min_delta makes this epoch the best (its
+    weights are copied on rank 0); anything else is one more epoch without improvement."""
+    if val_loss < progress.best["val_loss"] - run.cfg.min_delta:
+        progress.best = {"val_loss": val_loss, "epoch": epoch, "val_accuracy": val_acc}
+        if run.ctx.main:
+            progress.best_state = {
+                k: v.detach().cpu().contiguous().clone() for k, v in run.model.state_dict().items()
+            }
+        progress.bad_epochs = 0
+    else:
+        progress.bad_epochs += 1
+
+
+def _finish(run: _Run, progress: _Progress, model_cfg, base, out: Path, stopped_early: bool, started: float):
+    """The best epoch's weights as the checkpoint (LoRA merged, its adapter kept beside), history.csv
+    and train.json; the resume state is removed."""
+    cfg, history, best = run.cfg, progress.history, progress.best
+    if progress.best_state is None:
         raise VisiontuneError(
             f"training diverged: val loss was {history[-1]['val_loss']} in every epoch; lower train.lr"
         )
-    model.load_state_dict(best_state)
+    model = run.model
+    model.load_state_dict(progress.best_state)
     if cfg.method == "lora":
         model.save_pretrained(out / "adapter")  # the small file: adapters and the new head only
         model = models.merge_lora(model)
     config = {"model": model_cfg.model_dump(), "train": cfg.model_dump(), "seed": base.seed}
-    meta = models.checkpoint_meta(model_cfg.name, class_names, prep, config)
+    meta = models.checkpoint_meta(model_cfg.name, run.class_names, run.prep, config)
     meta["best_epoch"] = best["epoch"]
-    meta["image_size_reason"] = size.reason
+    meta["image_size_reason"] = run.size.reason
+    meta["device_policy"] = run.policy.as_dict()
     if isinstance(model, models.LevelProbe):
         meta["probe_levels"] = model.levels
     models.save_checkpoint(model.to("cpu", memory_format=torch.contiguous_format), out, meta)
@@ -553,20 +692,22 @@ def _train(ctx, rank_device, cfg, model_cfg, base, prepared, out, store, resume,
         writer = csv.DictWriter(fh, fieldnames=HISTORY_FIELDS)
         writer.writeheader()
         writer.writerows(history)
-    shutil.rmtree(resume_dir, ignore_errors=True)  # finished: nothing left to resume
+    shutil.rmtree(out / RESUME, ignore_errors=True)  # finished: nothing left to resume
+    trainable, total = models.count_parameters(run.model)
     result = TrainResult(
         checkpoint=str(out),
         method=cfg.method,
-        device=str(device),
+        device=str(run.device),
         best_epoch=best["epoch"],
         epochs_run=len(history),
         stopped_early=stopped_early,
-        resumed_from_epoch=resumed_from,
+        resumed_from_epoch=progress.resumed_from,
         best_val_loss=best["val_loss"],
         best_val_accuracy=best["val_accuracy"],
-        train_images=n,
-        image_size=size.size,
-        image_size_reason=size.reason,
+        train_images=len(run.y_train),
+        image_size=run.size.size,
+        image_size_reason=run.size.reason,
+        device_policy=run.policy.as_dict(),
         trainable_parameters=trainable,
         total_parameters=total,
         trainable_percent=round(100 * trainable / total, 3),
@@ -574,5 +715,4 @@ def _train(ctx, rank_device, cfg, model_cfg, base, prepared, out, store, resume,
         seconds=time.perf_counter() - started,
     )
     (out / "train.json").write_text(json.dumps(asdict(result), indent=2))
-    ctx.barrier()
     return result

@@ -160,7 +160,7 @@ def register(params: Params, layout: Layout):
         data_hash = ""
     candidate = Candidate(
         data_hash=data_hash,
-        params={**params.flat(), "train.resolved_lr": params.train.base_lr, **_resolved_size(layout)},
+        params={**params.flat(), "train.resolved_lr": params.train.base_lr, **resolved_params(layout)},
         prepare=layout.prepare / "prepare.json",
         validation=layout.validate,
         checkpoint=layout.train,
@@ -177,12 +177,19 @@ def register(params: Params, layout: Layout):
     return result
 
 
-def _resolved_size(layout: Layout) -> dict[str, int]:
-    """The trained resolution as an MLflow param beside model.image_size (which may say auto)."""
+def resolved_params(layout: Layout) -> dict[str, int | str | bool]:
+    """What `auto` became in the trained run (the resolution and the device policy), as MLflow
+    params beside the keys that say auto."""
     import json
 
     trained = json.loads((layout.train / "train.json").read_text())
-    return {"model.resolved_image_size": trained["image_size"]} if "image_size" in trained else {}
+    out: dict[str, int | str | bool] = {}
+    if "image_size" in trained:
+        out["model.resolved_image_size"] = trained["image_size"]
+    for key, value in trained.get("device_policy", {}).items():
+        if key != "reason":
+            out[f"train.resolved_{key}"] = value
+    return out
 
 
 STAGES = {
