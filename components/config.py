@@ -190,6 +190,8 @@ class ServeConfig(Section):
     inference_threads: int = Field(1, ge=1)  # concurrent onnxruntime calls (each uses all cores)
     decode_threads: int = Field(4, ge=1)  # concurrent image decodes (Pillow releases the GIL)
     access_log: bool = False  # one log line per request (the /metrics counters always count)
+    # bearer token for /v1/* and /metrics; VISIONTUNE_SERVE_TOKEN wins. Required off loopback
+    token: str | None = None
 
 
 class Params(Section):

@@ -9,6 +9,8 @@ moves bytes. Imported, never run.
 from __future__ import annotations
 
 import asyncio
+import hmac
+import os
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -26,6 +28,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from visiontune.components import images
 from visiontune.components.config import ServeConfig
+from visiontune.components.errors import VisiontuneError
 
 from .model_server import Metrics, ServeError, Server
 
@@ -221,12 +224,65 @@ async def _read_images(request, cfg: ServeConfig) -> list[tuple[str, bytes]]:
         await form.close()
 
 
+TOKEN_ENV = "VISIONTUNE_SERVE_TOKEN"
+OPEN_PATHS = ("/healthz", "/readyz", "/", "/docs", "/openapi.json", "/docs/oauth2-redirect")
+
+
+def serve_token(cfg: ServeConfig) -> str | None:
+    """The bearer token clients must send: $VISIONTUNE_SERVE_TOKEN, else serve.token, else none.
+    Binding to anything but loopback without one is refused: the model would be open to anyone."""
+    token = os.environ.get(TOKEN_ENV) or cfg.token
+    if not token and not _loopback(cfg.host):
+        raise VisiontuneError(
+            f"serve.host={cfg.host} exposes the server beyond this machine, so it needs a token: set "
+            f"{TOKEN_ENV} (or serve.token) to a long random secret, e.g. `export {TOKEN_ENV}=$(openssl "
+            "rand -hex 32)`; clients then send `Authorization: Bearer <token>`"
+        )
+    return token or None
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+class TokenMiddleware:
+    """401 for a request to anything but the health checks, the page and the API docs without
+    `Authorization: Bearer <token>` (compared in constant time); the model is never reached."""
+
+    def __init__(self, app, token: str):
+        self.app, self.token = app, token.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            return await self.app(scope, receive, send)
+        header = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, given = header.partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self.token):
+            return await self.app(scope, receive, send)
+        detail = "missing or wrong bearer token: send `Authorization: Bearer <token>`"
+        response = JSONResponse(
+            ErrorBody(error="unauthorized", detail=detail).model_dump(),
+            status_code=401,
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+        await response(scope, receive, send)
+
+
 # ---------------------------------------------------------------------------------------------
 # The app
 
 
 def create_app(cfg: ServeConfig, max_pixels: int = images.DEFAULT_MAX_PIXELS, server: Server | None = None):
-    """The FastAPI app; the model is loaded (and warmed up) before this returns."""
+    """The FastAPI app; the model is loaded (and warmed up) before this returns. Off loopback it
+    refuses to start without a token (serve_token)."""
+    token = serve_token(cfg)
     server = server or Server(cfg, max_pixels)
     if server.current is None:
         server.load()
@@ -246,7 +302,9 @@ def create_app(cfg: ServeConfig, max_pixels: int = images.DEFAULT_MAX_PIXELS, se
         lifespan=lifespan,
     )
     app.state.server = server
-    app.add_middleware(MetricsMiddleware, metrics=server.metrics)
+    if token:
+        app.add_middleware(TokenMiddleware, token=token)
+    app.add_middleware(MetricsMiddleware, metrics=server.metrics)  # added last: counts the 401s too
 
     def error(status: int, code: str, detail: str) -> JSONResponse:
         return JSONResponse(ErrorBody(error=code, detail=detail).model_dump(), status_code=status)

@@ -419,3 +419,40 @@ def test_serve_errors_name_the_fix(tmp_path):
     assert bad_uri.exit_code == 1 and "models:/NAME@ALIAS" in bad_uri.output
     bad_key = runner.invoke(app, ["serve", "--set", "serve.max_batch=0"])
     assert bad_key.exit_code == 1 and "serve.max_batch" in bad_key.output
+
+
+def test_off_loopback_serve_refuses_to_start_without_a_token(exported, monkeypatch):
+    params, layout = exported
+    monkeypatch.delenv("VISIONTUNE_SERVE_TOKEN", raising=False)
+    onnx = str(layout.export / "model.onnx")
+    out = CliRunner().invoke(app, ["serve", "--model", onnx, "--host", "0.0.0.0"])
+    assert (
+        out.exit_code == 1 and "VISIONTUNE_SERVE_TOKEN" in out.output and "serve.host=0.0.0.0" in out.output
+    )
+
+
+def test_a_token_guards_the_api_and_a_refused_request_never_reaches_the_model(server, tmp_path):
+    _, onnx, paths = server
+    token = "s3cret-token-for-this-test"
+    image = [("file", ("x.png", Path(paths[0]).read_bytes(), "image/png"))]
+    with serving(tmp_path, "--model", str(onnx), env={"VISIONTUNE_SERVE_TOKEN": token}) as url:
+
+        def images_served() -> float:
+            text = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {token}"}).text
+            found = [s.value for f in text_string_to_metric_families(text) for s in f.samples
+                     if s.name == "visiontune_images_total"]  # fmt: skip
+            return sum(found)
+
+        before = images_served()
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": token}):
+            r = httpx.post(f"{url}/v1/predict", files=image, headers=headers)
+            assert r.status_code == 401 and r.headers["WWW-Authenticate"] == "Bearer"
+            assert r.json()["error"] == "unauthorized"
+        assert httpx.get(f"{url}/v1/model").status_code == 401
+        assert httpx.get(f"{url}/metrics").status_code == 401
+        assert images_served() == before  # the refused requests never reached the model
+        assert (
+            httpx.get(f"{url}/healthz").status_code == 200 and httpx.get(f"{url}/readyz").status_code == 200
+        )
+        ok = httpx.post(f"{url}/v1/predict", files=image, headers={"Authorization": f"Bearer {token}"})
+        assert ok.status_code == 200 and images_served() == before + 1
