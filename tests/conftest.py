@@ -311,3 +311,29 @@ def deploy_prefect_yaml(project: Path, env: dict) -> None:
     ):
         done = subprocess.run([prefect, *args], cwd=project, env=env, capture_output=True, text=True)
         assert done.returncode == 0, done.stdout + done.stderr
+
+
+# --- where a test can run: markers the collection hook turns into skips (pyproject lists them) ---
+
+SERVER_FIXTURES = {"mlflow_server", "team_mlflow_server", "postgres", "s3_endpoint"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by these markers
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests skip without CUDA, `cpu_only` tests skip with it; a test that starts a server
+    fixture (tracking server, PostgreSQL, S3) is marked `server`, so `-m "not server"` leaves it out."""
+    for item in items:
+        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker("server")
+    placed = [item for item in items if item.get_closest_marker("gpu") or item.get_closest_marker("cpu_only")]
+    if not placed:  # torch is imported only when a collected test asks where it runs
+        return
+    import torch
+
+    cuda = torch.cuda.is_available()
+    for item in placed:
+        if item.get_closest_marker("gpu") and not cuda:
+            item.add_marker(pytest.mark.skip(reason="needs CUDA: torch.cuda.is_available() is False"))
+        elif (why := item.get_closest_marker("cpu_only")) and cuda:
+            reason = why.kwargs.get("reason") or (why.args[0] if why.args else "expects training on the CPU")
+            item.add_marker(pytest.mark.skip(reason=f"CUDA is available: {reason}"))

@@ -1,5 +1,6 @@
 """The `visiontune` command: stage subcommands, clean errors, overrides."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -79,4 +80,5 @@ def test_summary_says_how_training_went(trained):
     result = runner.invoke(app, ["summary", "--root", str(layout.root)])
     assert result.exit_code == 0
     line = next(x for x in result.output.splitlines() if x.strip().startswith("training"))
-    assert "full on cpu, 32 px (model.image_size); best epoch 1 of 1 run (all epochs ran)" in line
+    device = json.loads((layout.train / "train.json").read_text())["device"]  # cpu, or cuda on a GPU machine
+    assert f"full on {device}, 32 px (model.image_size); best epoch 1 of 1 run (all epochs ran)" in line

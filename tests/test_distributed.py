@@ -1,5 +1,8 @@
 """Data-parallel training: train.nproc processes under torchrun with gloo on CPU.
 
+train.device is cpu here on any machine (a 1-GPU machine has no cuda:1 for rank 1); NCCL on GPUs
+is tests/test_gpu.py's.
+
 Each test launches real processes (`visiontune train` → torchrun → one `visiontune train` per
 rank), as `dvc repro` and the flow do.
 """
@@ -44,7 +47,7 @@ def _train(prepared, tmp_path: Path, nproc: int, **train) -> tuple[dict, dict]:
     copy.root.mkdir(parents=True)
     os.symlink(layout.prepare.absolute(), copy.prepare)
     os.symlink(layout.validate.absolute(), copy.validate)
-    cfg = params.train.model_copy(update={"nproc": nproc, **train})
+    cfg = params.train.model_copy(update={"nproc": nproc, "device": "cpu", **train})
     stages.train(params.model_copy(update={"train": cfg}), copy)
     return load_file(str(copy.train / "model.safetensors")), json.loads(
         (copy.train / "train.json").read_text()
@@ -98,7 +101,7 @@ def test_a_dead_rank_fails_the_stage_and_the_run_resumes(prepared, tmp_path):
     for name in ("prepare", "validate"):
         os.symlink((layout.root / name).absolute(), project / "prepared" / name)
     raw = params.model_dump(by_alias=True, mode="json")
-    raw["train"].update(nproc=2, epochs=12, patience=12)
+    raw["train"].update(nproc=2, epochs=12, patience=12, device="cpu")
     (project / "params.yaml").write_text(yaml.safe_dump(raw))
     command = [str(BIN / "visiontune"), "train", "--root", "prepared"]
     log = project / "train.log"

@@ -90,7 +90,8 @@ def test_nothing_reruns_when_nothing_changed(repo):
 
 
 def test_train_param_change_reruns_train_and_later_only(repo):
-    set_params(repo, **{"train.lr": 5e-4, "train.nproc": 2})  # and data-parallel, under torchrun
+    # and data-parallel under torchrun, on the CPU (gloo) even where there is a GPU
+    set_params(repo, **{"train.lr": 5e-4, "train.nproc": 2, "train.device": "cpu"})
     out = sh(repo, "dvc", "repro")
     assert "data-parallel: 2 processes on cpu" in out
     assert "Running stage 'prepare'" not in out and "Running stage 'validate'" not in out

@@ -30,6 +30,7 @@ def harness():
         yield
 
 
+@pytest.mark.cpu_only(reason="two trainings agree to 1e-6 only with the CPU's deterministic kernels")
 def test_flow_matches_the_stage_by_stage_run(trained, harness, tmp_path, monkeypatch):
     params, layout = trained
     monkeypatch.chdir(tmp_path)

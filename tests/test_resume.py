@@ -21,7 +21,8 @@ EXE = str(Path(sys.executable).with_name("visiontune"))
 @pytest.fixture
 def project(tmp_path):
     data = write_digits(tmp_path / "raw", classes=(0, 1, 2), per_class=20)
-    params = tiny_params(data, train={"epochs": 6, "patience": 10})
+    # on the CPU: a resumed run matches an uninterrupted one only with deterministic kernels
+    params = tiny_params(data, train={"epochs": 6, "patience": 10, "device": "cpu"})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params.model_dump(by_alias=True)))
     layout = stages.Layout(tmp_path / "killed")
     stages.prepare(params, layout)
@@ -87,7 +88,7 @@ def test_linear_probe_resumes_with_its_feature_statistics(tmp_path):
     from visiontune.components.train import train
 
     data = write_digits(tmp_path / "raw", classes=(0, 1, 2), per_class=12)
-    params = tiny_params(data, train={"method": "linear", "epochs": 3, "patience": 10})
+    params = tiny_params(data, train={"method": "linear", "epochs": 3, "patience": 10, "device": "cpu"})
     layout = stages.Layout(tmp_path / "prep")
     stages.prepare(params, layout)
     args = (params.train, params.model, params.base, layout.prepare)

@@ -11,6 +11,7 @@ from visiontune.components import model as models
 from visiontune.components.train import augment, lr_factor, param_groups, read_ahead
 
 
+@pytest.mark.cpu_only(reason="asserts that the shared tiny run names the cpu device")
 def test_tiny_run_writes_checkpoint_history_and_result(trained):
     params, layout = trained
     result = json.loads((layout.train / "train.json").read_text())
