@@ -192,6 +192,12 @@ class ServeConfig(Section):
     access_log: bool = False  # one log line per request (the /metrics counters always count)
     # bearer token for /v1/* and /metrics; VISIONTUNE_SERVE_TOKEN wins. Required off loopback
     token: str | None = None
+    drift_window: int = Field(200, ge=0)  # served images per drift check (drift.alpha); 0 = no monitoring
+
+
+class DriftConfig(Section):
+    alpha: float = Field(0.05, gt=0, lt=1)  # a window is flagged when min p-value × 3 < alpha
+    permutations: int = Field(500, ge=100)  # permutations behind the MMD and chi-squared p-values
 
 
 class Params(Section):
@@ -205,6 +211,7 @@ class Params(Section):
     register_: RegisterConfig = Field(RegisterConfig(), alias="register")
     flow: FlowConfig = FlowConfig()
     serve: ServeConfig = ServeConfig()
+    drift: DriftConfig = DriftConfig()
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 

@@ -45,6 +45,22 @@ class ExportResult:
     accuracy_change: float | None = None
     size_bytes: int = 0
     quantized_size_bytes: int | None = None
+    drift_reference: str | None = None  # drift_reference.npz beside model.onnx (components/drift.py)
+    drift_reference_note: str | None = None  # why there is none, when there is none
+
+
+REFERENCE_FILE = "drift_reference.npz"
+
+
+class _WithEmbedding(torch.nn.Module):
+    """The model with its penultimate-layer embedding as a second output (for drift detection)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return models.logits_and_embedding(self.model, x)
 
 
 class _Calibration:
@@ -110,27 +126,64 @@ def onnx_logits(path: Path, batch_iter) -> np.ndarray:
     return np.concatenate(outs)
 
 
-def export(cfg: ExportConfig, prepared: Path, checkpoint: Path, out: Path) -> ExportResult:
-    """Write out/model.onnx and out/export.json after checker and parity on the test split."""
-    out.mkdir(parents=True, exist_ok=True)
-    model, meta = models.load_checkpoint(checkpoint)
-    prep = models.preprocessing_of(meta)
-    dummy = torch.zeros(1, 3, prep.size, prep.size)
-    tmp = out / "model.onnx.tmp"
+def _onnx_export(model: torch.nn.Module, size: int, opset: int, path: Path) -> bool:
+    """ONNX with outputs `logits` and, where the model has one linear classifier, `embedding`
+    (what it reads); a dynamic batch axis. True when the embedding is there."""
+    dummy = torch.zeros(1, 3, size, size)
+    try:
+        with torch.no_grad():
+            models.logits_and_embedding(model, dummy)
+        traced, names = _WithEmbedding(model), ["logits", "embedding"]
+    except VisiontuneError:
+        traced, names = model, ["logits"]
     # dynamo=False: one self-contained file with a dynamic batch axis (the dynamo exporter
     # writes external weights and fixes opset 18)
     with warnings.catch_warnings():  # the TorchScript exporter's deprecation notice, on purpose
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(
-            model,
+            traced,
             (dummy,),
-            str(tmp),
+            str(path),
             dynamo=False,
-            opset_version=cfg.opset,
+            opset_version=opset,
             input_names=["input"],
-            output_names=["logits"],
-            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+            output_names=names,
+            dynamic_axes={"input": {0: "batch"}, **{name: {0: "batch"} for name in names}},
         )
+    return len(names) == 2
+
+
+@torch.no_grad()
+def _drift_reference(model, frame, meta: dict, prep, out: Path) -> tuple[Path | None, str | None]:
+    """out/drift_reference.npz from the val split's embeddings and softmax outputs (not train's:
+    a model is overconfident on what it trained on; the test split tops up a val split of fewer
+    than 4 images); (None, why) when even both are too few."""
+    from . import drift
+
+    paths = frame.loc[frame["split"] == "val", "path"].tolist()
+    if len(paths) < 4:
+        paths += frame.loc[frame["split"] == "test", "path"].tolist()
+    if len(paths) < 4:
+        return None, f"{len(paths)} val and test images: too few for a drift reference (at least 4)"
+    logits, embeddings = [], []
+    for x in batches(paths, prep.size, prep.mean, prep.std, 64):
+        lg, emb = models.logits_and_embedding(model, torch.from_numpy(x))
+        logits.append(lg.float().numpy())
+        embeddings.append(emb.float().numpy())
+    from .metrics import softmax
+
+    probs = softmax(np.concatenate(logits).astype(np.float64))
+    reference = drift.build_reference(np.concatenate(embeddings), probs, meta["class_names"])
+    return reference.save(out / REFERENCE_FILE), None
+
+
+def export(cfg: ExportConfig, prepared: Path, checkpoint: Path, out: Path) -> ExportResult:
+    """Write out/model.onnx and out/export.json after checker and parity on the test split."""
+    out.mkdir(parents=True, exist_ok=True)
+    model, meta = models.load_checkpoint(checkpoint)
+    prep = models.preprocessing_of(meta)
+    tmp = out / "model.onnx.tmp"
+    with_embedding = _onnx_export(model, prep.size, cfg.opset, tmp)
     from .tracking import lineage
 
     proto = onnx.load(str(tmp))
@@ -165,6 +218,10 @@ def export(cfg: ExportConfig, prepared: Path, checkpoint: Path, out: Path) -> Ex
         )
     final = out / "model.onnx"
     tmp.replace(final)
+    (out / REFERENCE_FILE).unlink(missing_ok=True)  # never a reference from an earlier model
+    reference, note = _drift_reference(model, frame, meta, prep, out) if with_embedding else (None, None)
+    if not with_embedding:
+        note = f"{meta['architecture']}: no single-layer classifier, so no embedding output"
     index = {name: i for i, name in enumerate(meta["class_names"])}
     y_test = frame.loc[frame["split"] == "test", "label"].map(index).to_numpy()
     accuracy = float((got.argmax(1) == y_test).mean())
@@ -195,6 +252,8 @@ def export(cfg: ExportConfig, prepared: Path, checkpoint: Path, out: Path) -> Ex
         images_checked=len(paths),
         test_accuracy=accuracy,
         size_bytes=final.stat().st_size,
+        drift_reference=str(reference) if reference else None,
+        drift_reference_note=note,
         **extra,
     )
     (out / "export.json").write_text(json.dumps(asdict(result), indent=2))

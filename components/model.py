@@ -397,3 +397,21 @@ def predict_logits(model: nn.Module, batches: Iterator[np.ndarray]) -> np.ndarra
     model.eval()
     outs = [model(torch.from_numpy(x)).float().numpy() for x in batches]
     return np.concatenate(outs) if outs else np.zeros((0, 0), dtype=np.float32)
+
+
+def logits_and_embedding(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits and the penultimate-layer embedding (what the final linear classifier reads) of
+    a timm model, a LoRA model (merged or not) or a LevelProbe; the logits equal `model(x)`, and
+    the function traces into one ONNX graph with both as outputs (drift detection reads the second)."""
+    if isinstance(model, LevelProbe):  # its embedding: the standardized, block-scaled level features
+        embedding = (model.features(x) - model.mean) * model.inv_std * model.block_scale
+        return model.fc(embedding), embedding
+    # peft keeps its adapters inside the base model
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    embedding = base.forward_head(base.forward_features(x), pre_logits=True)
+    head = base.get_classifier()
+    if not isinstance(head, nn.Module):  # distilled ViTs return (head, head_dist): not one linear layer
+        raise VisiontuneError(
+            f"{type(base).__name__}: its classifier is not one layer; no embedding for drift"
+        )
+    return head(embedding), embedding

@@ -59,6 +59,7 @@ class OnnxClassifier:
         self.mean, self.std = json.loads(meta["mean"]), json.loads(meta["std"])
         self.size = int(meta["image_size"])
         self.input = self.session.get_inputs()[0].name
+        self.outputs = [o.name for o in self.session.get_outputs()]  # logits[, embedding]
 
     @property
     def provider(self) -> str:
@@ -67,7 +68,25 @@ class OnnxClassifier:
 
     def logits(self, pixels: np.ndarray) -> np.ndarray:
         """Logits for a uint8 NHWC batch already resized to the model's size."""
-        return self.session.run(None, {self.input: images.normalize(pixels, self.mean, self.std)})[0]
+        return self.session.run(
+            self.outputs[:1], {self.input: images.normalize(pixels, self.mean, self.std)}
+        )[0]
+
+    @property
+    def has_embedding(self) -> bool:
+        """Exported with its penultimate-layer embedding as a second output (drift detection)."""
+        return "embedding" in self.outputs
+
+    def logits_and_embeddings(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(logits, embeddings) of a uint8 NHWC batch, from one run of the model."""
+        if not self.has_embedding:
+            raise VisiontuneError(
+                f"{self.path}: exported without an embedding output, so drift cannot be checked; "
+                "export it again with this visiontune (`visiontune export`)"
+            )
+        feed = {self.input: images.normalize(pixels, self.mean, self.std)}
+        logits, embeddings = self.session.run(["logits", "embedding"], feed)
+        return logits, embeddings
 
     def predict(self, paths: list[str], top_k: int = 1, batch_size: int = 32) -> list[dict]:
         """One result per file: the top-k labels with probabilities, or the reason it was unreadable."""

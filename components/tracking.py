@@ -264,13 +264,16 @@ def register(cfg: RegisterConfig, candidate: Candidate, out: Path) -> RegisterRe
                     mlflow.log_artifact(str(path), name if where == "." else f"{name}/{where}")
 
         size = train_meta["preprocessing"]["size"]
+        proto = onnx.load(str(candidate.onnx))
+        outputs = [TensorSpec(np.dtype(np.float32), (-1, len(train_meta["class_names"])), "logits")]
+        if len(proto.graph.output) > 1:  # the penultimate-layer embedding, for drift detection
+            width = proto.graph.output[1].type.tensor_type.shape.dim[1].dim_value
+            outputs.append(TensorSpec(np.dtype(np.float32), (-1, width), "embedding"))
         signature = ModelSignature(
             inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, size, size), "input")]),
-            outputs=Schema(
-                [TensorSpec(np.dtype(np.float32), (-1, len(train_meta["class_names"])), "logits")]
-            ),
+            outputs=Schema(outputs),
         )
-        proto = onnx.load(str(candidate.onnx))
+        reference = candidate.onnx.parent / "drift_reference.npz"  # export's; kept with the model
         proto.metadata_props.append(onnx.StringStringEntryProto(key="mlflow_run_id", value=run_id))
         for quantized in sorted(candidate.onnx.parent.glob("model.*.onnx")):  # int8 / fp16 copies
             mlflow.log_artifact(str(quantized), "quantized")
@@ -282,6 +285,7 @@ def register(cfg: RegisterConfig, candidate: Candidate, out: Path) -> RegisterRe
             registered_model_name=cfg.model_name,
             save_as_external_data=False,
             onnx_execution_providers=["CPUExecutionProvider"],
+            extra_files=[str(reference)] if reference.is_file() else None,
             metadata={
                 "class_names": train_meta["class_names"],
                 "preprocessing": train_meta["preprocessing"],
@@ -336,6 +340,40 @@ def run_metrics(ref: str) -> tuple[str, dict[str, float]]:
             "give a run id or models:/NAME@ALIAS, and check MLFLOW_TRACKING_URI"
         ) from None
     return label, dict(run.data.metrics)
+
+
+def log_drift(name: str, version: str, check) -> str:
+    """A drift check of version `version` of `name` as an MLflow run in that version's experiment
+    (tags name the version; metrics the p-values, statistics and the flag; the report files as
+    artifacts), and its outcome as drift.* tags on the version. Returns the run id."""
+    import mlflow
+
+    client = _Registry()
+    found = client.get_model_version(name, version)
+    experiment_id = client.get_run(found.run_id).info.experiment_id
+    r = check.result
+    mlflow.set_tracking_uri(tracking_uri())
+    tags = {"visiontune.kind": "drift-check", "model_name": name, "model_version": str(version)}
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"drift-{name}-v{version}", tags=tags) as run:
+        values = {"drift": float(r.drift), "p_value": r.p_value, "window": float(r.window)}
+        for test, t in r.tests.items():
+            values |= {
+                f"{test}_p_value": t.p_value,
+                f"{test}_statistic": t.statistic,
+                f"{test}_effect": t.effect,
+            }
+        mlflow.log_metrics(values)
+        for path in check.files.values():
+            mlflow.log_artifact(path)
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    for key, value in {
+        "drift.last_check": stamp,
+        "drift.last_result": "shift" if r.drift else "no shift",
+        "drift.last_p_value": f"{r.p_value:.4g}",
+        "drift.last_run_id": run.info.run_id,
+    }.items():
+        client.set_model_version_tag(name, str(version), key, value)
+    return run.info.run_id
 
 
 CHAMPION, PREVIOUS = "champion", "previous"

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import os
 import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -243,6 +244,65 @@ def predict(
 
 
 @app.command()
+def drift(
+    new: Annotated[
+        Path, typer.Argument(help="The new images: a folder, a CSV with a path column, or a manifest.")
+    ],
+    model: Annotated[
+        str,
+        typer.Option(
+            "--model", help="An exported ONNX file or folder, models:/NAME@ALIAS or models:/NAME/VERSION."
+        ),
+    ] = "data/prepared/export/model.onnx",
+    out: Annotated[
+        Path, typer.Option("--out", help="Folder for drift.json, drift.md, most_shifted.png.")
+    ] = Path("data/prepared/drift"),
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Check new images against the val-split reference the model was exported with.
+
+    Exit code 0: no shift; 3: shift detected; 1: error. A registered model's check is logged to
+    MLflow as a run tagged with the version it checked.
+    """
+    from visiontune.components import drift_report
+
+    with user_errors("drift"):
+        cfg = load_params(params, parse_overrides(set_), missing_ok=True).drift
+        with tempfile.TemporaryDirectory() as tmp:
+            registered = _registered(model, Path(tmp)) if model.startswith("models:/") else None
+            path = registered[2] if registered else Path(model)
+            check = drift_report.run(path, new, out, cfg.alpha, cfg.permutations)
+            logged = ""
+            if registered:
+                from visiontune.components.tracking import log_drift
+
+                run_id = log_drift(registered[0], registered[1], check)
+                logged = f"; logged to MLflow run {run_id} ({registered[0]} v{registered[1]})"
+    r = check.result
+    fired = ", ".join(r.fired) or "none"
+    verdict = "shift detected" if r.drift else "no shift detected"
+    typer.echo(f"{verdict} in {r.window} images (p = {r.p_value:.4g}, α = {r.alpha}; tests fired: {fired})")
+    typer.echo(f"report: {check.files['markdown']}{logged}")
+    if r.drift:
+        raise typer.Exit(3)
+
+
+def _registered(uri: str, dest: Path) -> tuple[str, str, Path]:
+    """(name, version, local ONNX file) of models:/NAME@ALIAS or models:/NAME/VERSION."""
+    from visiontune.components import tracking
+
+    name, _, alias = uri.removeprefix("models:/").partition("@")
+    if alias:
+        version = tracking.alias_version(name, alias).version
+    else:
+        name, _, version = name.partition("/")
+        if not version:
+            raise VisiontuneError(f"--model {uri}: write models:/NAME@ALIAS or models:/NAME/VERSION")
+    return name, version, tracking.download_model(f"models:/{name}/{version}", dest)
+
+
+@app.command()
 def promote(
     version: Annotated[
         str | None, typer.Option("--version", help="Version to promote (default: alias candidate).")
@@ -365,7 +425,7 @@ def serve(
         from visiontune.pipelines.model_server import Server
         from visiontune.pipelines.serve import create_app, describe
 
-        server = Server(cfg, config.validate_.max_pixels)
+        server = Server(cfg, config.validate_.max_pixels, config.drift)
         app_ = create_app(cfg, server=server)
     typer.echo(describe(server, cfg.host, cfg.port))
     uvicorn.run(app_, host=cfg.host, port=cfg.port, access_log=cfg.access_log, log_level="info",

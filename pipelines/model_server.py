@@ -24,9 +24,11 @@ from pathlib import Path
 import numpy as np
 
 from visiontune.components import images
-from visiontune.components.config import ServeConfig
+from visiontune.components.config import DriftConfig, ServeConfig
 from visiontune.components.errors import VisiontuneError
 from visiontune.components.predict import OnnxClassifier, execution_providers
+
+from .drift_monitor import DriftGauges, DriftMonitor
 
 log = logging.getLogger("visiontune.serve")
 
@@ -76,6 +78,7 @@ class LoadedModel:
     metrics: dict[str, float] = field(default_factory=dict)
     promotion: dict[str, str] = field(default_factory=dict)
     loaded_at: float = field(default_factory=time.time)
+    monitor: DriftMonitor | None = None  # drift windows of this version's traffic (serve.drift_window)
 
 
 LINEAGE_TAGS = (
@@ -99,9 +102,11 @@ def _warm_up(classifier: OnnxClassifier, max_batch: int) -> None:
         classifier.logits(np.zeros((n, classifier.size, classifier.size, 3), dtype=np.uint8))
 
 
-def load_file(path: Path, providers: list[str], max_batch: int) -> LoadedModel:
-    """An exported ONNX file; its lineage comes from the ONNX metadata."""
+def load_file(path: Path, providers: list[str], max_batch: int, monitoring=None) -> LoadedModel:
+    """An exported ONNX file; its lineage comes from the ONNX metadata. `monitoring(onnx path,
+    classifier, version)` makes its drift monitor (or None)."""
     classifier = OnnxClassifier(path, providers, spinning=False)
+    monitor = monitoring(classifier.path, classifier, None) if monitoring else None
     _warm_up(classifier, max_batch)
     meta = classifier.metadata
     lineage = {k: meta[k] for k in ("architecture", "data_sha256", "git_commit", "git_dirty") if k in meta}
@@ -113,6 +118,7 @@ def load_file(path: Path, providers: list[str], max_batch: int) -> LoadedModel:
         run_id=meta.get("mlflow_run_id"),
         source=str(classifier.path),
         lineage=lineage,
+        monitor=monitor,
     )
 
 
@@ -123,13 +129,18 @@ def _registry_details(tags: dict[str, str]) -> tuple[dict[str, str], dict[str, s
     return lineage, promotion
 
 
-def load_registered(name: str, version: str, alias: str | None, providers: list[str], max_batch: int):
+def load_registered(
+    name: str, version: str, alias: str | None, providers: list[str], max_batch: int, monitoring=None
+):
     """Version `version` of a registered model, downloaded, loaded and warmed up."""
     from visiontune.components import tracking  # mlflow is imported only when the registry is used
 
     with tempfile.TemporaryDirectory(prefix="visiontune-serve-") as tmp:
         path, info = tracking.fetch_version(name, version, Path(tmp))
         classifier = OnnxClassifier(path, providers, spinning=False)  # onnxruntime keeps it in memory
+        monitor = (
+            monitoring(path, classifier, str(info.version)) if monitoring else None
+        )  # reads its reference
     _warm_up(classifier, max_batch)
     meta = classifier.metadata
     lineage, promotion = _registry_details(info.tags)
@@ -144,6 +155,7 @@ def load_registered(name: str, version: str, alias: str | None, providers: list[
         lineage=lineage,
         metrics=info.metrics,
         promotion=promotion,
+        monitor=monitor,
     )
 
 
@@ -285,11 +297,13 @@ class Batcher:
 class Server:
     """Owns the current model and swaps it whole; requests take one reference and keep it."""
 
-    def __init__(self, cfg: ServeConfig, max_pixels: int):
+    def __init__(self, cfg: ServeConfig, max_pixels: int, drift_cfg: DriftConfig | None = None):
         self.cfg, self.max_pixels = cfg, max_pixels
         self.ref = ModelRef.parse(cfg.model)
         self.providers = execution_providers(cfg.device)
         self.metrics = Metrics()
+        self.drift_gauges = DriftGauges(self.metrics.registry)
+        self.drift_cfg = drift_cfg or DriftConfig()
         self.current: LoadedModel | None = None
         self.decode_pool = ThreadPoolExecutor(cfg.decode_threads, thread_name_prefix="decode")
         self.infer_pool = ThreadPoolExecutor(cfg.inference_threads, thread_name_prefix="infer")
@@ -302,7 +316,7 @@ class Server:
         """Load the model --model names (blocking); the registry alias is resolved once here."""
         ref = self.ref
         if ref.path is not None:
-            model = load_file(ref.path, self.providers, self.cfg.max_batch)
+            model = load_file(ref.path, self.providers, self.cfg.max_batch, self.monitoring)
         else:
             if ref.alias is not None:
                 from visiontune.components import tracking
@@ -310,13 +324,25 @@ class Server:
                 version = tracking.alias_version(ref.name, ref.alias).version
             else:
                 version = ref.version
-            model = load_registered(ref.name, version, ref.alias, self.providers, self.cfg.max_batch)
+            model = load_registered(
+                ref.name, version, ref.alias, self.providers, self.cfg.max_batch, self.monitoring
+            )
         self._swap(model)
         return model
 
+    def monitoring(self, onnx: Path, classifier: OnnxClassifier, version: str | None):
+        """The drift monitor of a model being loaded (None when serve.drift_window is 0 or the model
+        has no embedding output or reference)."""
+        return DriftMonitor.for_model(
+            onnx, classifier, self.cfg.drift_window, self.drift_cfg, self.drift_gauges, version
+        )
+
     def _swap(self, model: LoadedModel) -> None:
+        previous = self.current
         self.current = model  # one reference assignment: requests see the old model or the new one
         self.metrics.serving(model)
+        if previous is not None and previous.monitor is not None:
+            previous.monitor.close()  # its queued checks are of a version no longer served
 
     def poll_once(self) -> bool:
         """Check the alias; load, warm up and swap in a new version. True when it swapped."""
@@ -335,7 +361,7 @@ class Server:
         started = time.perf_counter()
         try:
             model = load_registered(
-                self.ref.name, version, self.ref.alias, self.providers, self.cfg.max_batch
+                self.ref.name, version, self.ref.alias, self.providers, self.cfg.max_batch, self.monitoring
             )
         except Exception:
             self._failed_version = version
@@ -385,7 +411,11 @@ class Server:
 
     def _timed_logits(self, model: LoadedModel, pixels: np.ndarray) -> np.ndarray:
         started = time.perf_counter()
-        logits = model.classifier.logits(pixels)
+        if model.monitor is None:
+            logits = model.classifier.logits(pixels)
+        else:  # the same single run of the model, with its embedding output kept
+            logits, embeddings = model.classifier.logits_and_embeddings(pixels)
+            model.monitor.add(logits, embeddings)
         self.metrics.inference.observe(time.perf_counter() - started)
         self.metrics.batch.observe(len(pixels))
         return logits

@@ -34,7 +34,17 @@ from .model_server import Metrics, ServeError, Server
 
 MiB = 1 << 20
 PATHS = frozenset(
-    {"/", "/v1/predict", "/v1/model", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json"}
+    {
+        "/",
+        "/v1/predict",
+        "/v1/model",
+        "/v1/drift",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/docs",
+        "/openapi.json",
+    }
 )
 
 
@@ -382,6 +392,22 @@ def create_app(cfg: ServeConfig, max_pixels: int = images.DEFAULT_MAX_PIXELS, se
             loaded_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(model.loaded_at)),
             max_batch=cfg.max_batch,
         )
+
+    @app.get("/v1/drift", summary="Drift windows of the served traffic against the model's reference")
+    async def drift_state():
+        """The latest windows of serve.drift_window images, newest first, each tested against the
+        served version's val-split reference (p-values, statistics, effect sizes, the flag)."""
+        model = server.current
+        if model is None:
+            raise ServeError(503, "not_ready", "no model is loaded yet")
+        if model.monitor is None:
+            reason = (
+                "serve.drift_window is 0"
+                if cfg.drift_window == 0
+                else "the model has no embedding output or drift reference: export it again"
+            )
+            return {"enabled": False, "version": model.version, "reason": reason, "windows": []}
+        return model.monitor.state()
 
     @app.get("/healthz", response_model=Status, summary="The process is alive")
     async def healthz():

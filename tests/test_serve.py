@@ -456,3 +456,56 @@ def test_a_token_guards_the_api_and_a_refused_request_never_reaches_the_model(se
         )
         ok = httpx.post(f"{url}/v1/predict", files=image, headers={"Authorization": f"Bearer {token}"})
         assert ok.status_code == 200 and images_served() == before + 1
+
+
+def test_a_burst_of_shifted_images_raises_the_drift_flag(exported, tmp_path):
+    """Windows of 15 served images: the test split itself passes, the same images with heavy noise
+    (σ = 100/255) are flagged; /v1/drift, the gauges and the class counter say so."""
+    params, layout = exported
+    frame = manifest.read(layout.prepare / "manifest.csv")
+    paths = frame.loc[frame["split"] == "test", "path"].tolist()
+    rng = np.random.default_rng(0)
+
+    def noisy(path) -> bytes:
+        pixels = np.asarray(Image.open(path).convert("RGB").resize((32, 32)), dtype=np.float64)
+        return _png(
+            Image.fromarray(np.clip(pixels + rng.normal(0, 100, pixels.shape), 0, 255).astype(np.uint8))
+        )
+
+    window = len(paths)
+    args = ["--model", str(layout.export / "model.onnx"), "--set", f"serve.drift_window={window}"]
+    with serving(tmp_path, *args) as url, httpx.Client(base_url=url, timeout=30) as http:
+
+        def windows(n: int) -> list[dict]:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                state = http.get("/v1/drift").json()
+                if len(state["windows"]) >= n:
+                    return state["windows"]
+                time.sleep(0.2)
+            raise AssertionError(f"no {n} drift windows in 60 s: {state}")
+
+        assert http.get("/v1/drift").json()["enabled"] is True
+        for path in paths:
+            assert http.post("/v1/predict", files=_multipart([path])).status_code == 200
+        (calm,) = windows(1)
+        assert calm["drift"] is False and calm["window"] == window
+        for path in paths:
+            body = [("file", ("noisy.png", noisy(path), "image/png"))]
+            assert http.post("/v1/predict", files=body).status_code == 200
+        latest = windows(2)[0]  # newest first
+        assert latest["drift"] is True and latest["p_value"] < latest["alpha"] and latest["fired"]
+        families = {f.name: f for f in text_string_to_metric_families(http.get("/metrics").text)}
+        assert families["visiontune_drift"].samples[0].value == 1.0
+        outcomes = {s.labels["result"]: s.value for s in families["visiontune_drift_windows"].samples
+                    if s.name.endswith("_total")}  # fmt: skip
+        assert outcomes == {"no_shift": 1.0, "shift": 1.0}
+        served = sum(
+            s.value for s in families["visiontune_predicted_class"].samples if s.name.endswith("_total")
+        )
+        assert served == 2 * window
+        assert {s.labels["test"] for s in families["visiontune_drift_p_value"].samples} == {
+            "mmd",
+            "ks",
+            "chi2",
+        }
