@@ -198,6 +198,9 @@ class ServeConfig(Section):
 class DriftConfig(Section):
     alpha: float = Field(0.05, gt=0, lt=1)  # a window is flagged when min p-value × 3 < alpha
     permutations: int = Field(500, ge=100)  # permutations behind the MMD and chi-squared p-values
+    retrain: bool = False  # the drift-check flow starts retraining when shift persists
+    persist: int = Field(2, ge=1)  # ... over this many checks in a row
+    retrain_deployment: str = "training-pipeline/nightly-retrain"  # the deployment it runs
 
 
 class Params(Section):

@@ -37,6 +37,32 @@ class DriftCheck:
     files: dict[str, str]  # drift.json, drift.md, most_shifted.png
 
 
+@dataclass(frozen=True)
+class ModelCheck:
+    """A check of the model `--model` names: the check, and for a registered version its name,
+    version and the MLflow run the check was logged as."""
+
+    check: DriftCheck
+    name: str | None = None
+    version: str | None = None
+    run_id: str | None = None
+
+
+def check_model(model: str, source: Path, out: Path, alpha: float, permutations: int) -> ModelCheck:
+    """Check `source` against an exported ONNX file (or folder), or against a registered version
+    (models:/NAME@ALIAS or /VERSION: downloaded, checked, and the check logged to MLflow under it)."""
+    if not model.startswith("models:/"):
+        return ModelCheck(run(Path(model), source, out, alpha, permutations))
+    import tempfile
+
+    from . import tracking
+
+    with tempfile.TemporaryDirectory(prefix="visiontune-drift-") as tmp:
+        name, version, path = tracking.registered_onnx(model, Path(tmp))
+        check = run(path, source, out, alpha, permutations)
+    return ModelCheck(check, name, version, tracking.log_drift(name, version, check))
+
+
 def reference_beside(onnx: Path) -> Path:
     """The drift reference exported with `onnx`: beside it, or in the extra_files/ folder MLflow
     keeps it in for a registered version."""

@@ -342,6 +342,19 @@ def run_metrics(ref: str) -> tuple[str, dict[str, float]]:
     return label, dict(run.data.metrics)
 
 
+def registered_onnx(uri: str, dest: Path) -> tuple[str, str, Path]:
+    """(name, version, local ONNX file) of models:/NAME@ALIAS or models:/NAME/VERSION, downloaded
+    into dest (with its extra files: the drift reference)."""
+    name, _, alias = uri.removeprefix("models:/").partition("@")
+    if alias:
+        version = alias_version(name, alias).version
+    else:
+        name, _, version = name.partition("/")
+        if not version:
+            raise VisiontuneError(f"{uri}: write models:/NAME@ALIAS or models:/NAME/VERSION")
+    return name, version, download_model(f"models:/{name}/{version}", dest)
+
+
 def log_drift(name: str, version: str, check) -> str:
     """A drift check of version `version` of `name` as an MLflow run in that version's experiment
     (tags name the version; metrics the p-values, statistics and the flag; the report files as

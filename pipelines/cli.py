@@ -9,7 +9,6 @@ import dataclasses
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -269,37 +268,15 @@ def drift(
 
     with user_errors("drift"):
         cfg = load_params(params, parse_overrides(set_), missing_ok=True).drift
-        with tempfile.TemporaryDirectory() as tmp:
-            registered = _registered(model, Path(tmp)) if model.startswith("models:/") else None
-            path = registered[2] if registered else Path(model)
-            check = drift_report.run(path, new, out, cfg.alpha, cfg.permutations)
-            logged = ""
-            if registered:
-                from visiontune.components.tracking import log_drift
-
-                run_id = log_drift(registered[0], registered[1], check)
-                logged = f"; logged to MLflow run {run_id} ({registered[0]} v{registered[1]})"
-    r = check.result
+        done = drift_report.check_model(model, new, out, cfg.alpha, cfg.permutations)
+    r = done.check.result
     fired = ", ".join(r.fired) or "none"
     verdict = "shift detected" if r.drift else "no shift detected"
     typer.echo(f"{verdict} in {r.window} images (p = {r.p_value:.4g}, α = {r.alpha}; tests fired: {fired})")
-    typer.echo(f"report: {check.files['markdown']}{logged}")
+    logged = f"; logged to MLflow run {done.run_id} ({done.name} v{done.version})" if done.run_id else ""
+    typer.echo(f"report: {done.check.files['markdown']}{logged}")
     if r.drift:
         raise typer.Exit(3)
-
-
-def _registered(uri: str, dest: Path) -> tuple[str, str, Path]:
-    """(name, version, local ONNX file) of models:/NAME@ALIAS or models:/NAME/VERSION."""
-    from visiontune.components import tracking
-
-    name, _, alias = uri.removeprefix("models:/").partition("@")
-    if alias:
-        version = tracking.alias_version(name, alias).version
-    else:
-        name, _, version = name.partition("/")
-        if not version:
-            raise VisiontuneError(f"--model {uri}: write models:/NAME@ALIAS or models:/NAME/VERSION")
-    return name, version, tracking.download_model(f"models:/{name}/{version}", dest)
 
 
 @app.command()

@@ -204,3 +204,64 @@ def training_pipeline(
         "run_id": registered.run_id,
         "stages": ran,
     }
+
+
+@task(name="check-drift", cache_policy=NONE)
+def check_drift(model: str, new_images: str, out: str, params: Params) -> dict[str, Any]:
+    """`visiontune drift` as a task: drift.json's summary (a registered model's check is logged)."""
+    import json
+
+    from visiontune.components import drift_report
+
+    done = drift_report.check_model(
+        model, Path(new_images), Path(out), params.drift.alpha, params.drift.permutations
+    )
+    return {**json.loads(Path(done.check.files["json"]).read_text()), "report": done.check.files["markdown"]}
+
+
+def _persisted(history: Path, drift: bool, checked_at: str, needed: int) -> bool:
+    """Append this check to history.json (the outcomes of earlier checks); True when the last
+    `needed` checks all found shift."""
+    import json
+
+    past = json.loads(history.read_text()) if history.exists() else []
+    past = [*past, {"checked_at": checked_at, "drift": drift}][-50:]
+    history.write_text(json.dumps(past, indent=2))
+    recent = past[-needed:]
+    return len(recent) == needed and all(h["drift"] for h in recent)
+
+
+@flow(name="drift-check", log_prints=True)
+def drift_check(
+    new_images: str = "data/incoming",
+    model: str = "data/prepared/export/model.onnx",
+    params_path: str = "params.yaml",
+    out: str = "data/prepared/drift",
+) -> dict[str, Any]:
+    """Check newly collected images against the model's val-split reference and publish the report.
+
+    Each check's outcome is kept in `out`/history.json. When drift.retrain is true and the last
+    drift.persist checks all found shift, the deployment drift.retrain_deployment is started (one
+    shifted batch is not enough: it may be a bad day, not a new world).
+    """
+    from prefect.deployments import run_deployment
+
+    params = load_params(params_path, missing_ok=True)
+    summary = check_drift(model, new_images, out, params)
+    create_markdown_artifact(
+        key="drift-report", markdown=Path(summary["report"]).read_text(), description="visiontune drift"
+    )
+    verdict = "shift detected" if summary["drift"] else "no shift"
+    print(
+        f"{verdict} in {summary['images']} images (p = {summary['p_value']:.4g}; fired: {summary['fired']})"
+    )
+    persisted = _persisted(
+        Path(out) / "history.json", summary["drift"], summary["checked_at"], params.drift.persist
+    )
+    triggered = None
+    if params.drift.retrain and persisted:
+        run = run_deployment(params.drift.retrain_deployment, timeout=0)  # start it; do not wait for it
+        triggered = str(run.id)
+        print(f"shift in {params.drift.persist} checks in a row: started {params.drift.retrain_deployment}")
+    return {"drift": summary["drift"], "p_value": summary["p_value"], "persisted": persisted,
+            "retrain_flow_run": triggered, "report": summary["report"]}  # fmt: skip
