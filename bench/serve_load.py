@@ -312,17 +312,57 @@ def machine() -> str:
     return f"{os.cpu_count()} CPU cores ({cpu}), load average {load} at the start; the cores are shared"
 
 
+def _export_monitored(source: Path, photos_dir: Path) -> Path:
+    """source's model again with its embedding as a second output, and a drift reference (from
+    these photos) beside it: what `visiontune export` writes, for the monitoring part."""
+    import onnx
+    import torch
+
+    from visiontune.components import drift, images, metrics
+    from visiontune.components import model as models
+    from visiontune.components.config import ModelConfig
+    from visiontune.components.export import REFERENCE_FILE, _WithEmbedding
+
+    meta = {p.key: p.value for p in onnx.load(str(source)).metadata_props}
+    size, mean, std = int(meta["image_size"]), json.loads(meta["mean"]), json.loads(meta["std"])
+    model, _ = models.create(ModelConfig(name=meta["architecture"], image_size=size), num_classes=10)
+    model.eval()
+    out = source.parent / "monitored"
+    out.mkdir(exist_ok=True)
+    path = out / "model.onnx"
+    names = ["logits", "embedding"]
+    torch.onnx.export(_WithEmbedding(model), (torch.zeros(1, 3, size, size),), str(path), dynamo=False,
+                      opset_version=17, input_names=["input"], output_names=names,
+                      dynamic_axes={n: {0: "batch"} for n in ["input", *names]})  # fmt: skip
+    proto = onnx.load(str(path))
+    for key, value in meta.items():
+        proto.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
+    onnx.save(proto, str(path))
+    files = sorted(str(p) for p in photos_dir.glob("*.jpg"))
+    x = images.normalize(images.load_batch(files, size), mean, std)
+    with torch.no_grad():
+        logits, embedding = models.logits_and_embedding(model, torch.from_numpy(x))
+    probs = metrics.softmax(logits.double().numpy())
+    drift.build_reference(embedding.numpy(), probs, json.loads(meta["class_names"])).save(
+        out / REFERENCE_FILE
+    )
+    return path
+
+
 def main() -> None:
     if sys.argv[1:2] == ["--export"]:
         name, size, out, pretrained = sys.argv[2:6]
         _export(name, int(size), Path(out), pretrained == "1")
+        return
+    if sys.argv[1:2] == ["--export-monitored"]:
+        _export_monitored(Path(sys.argv[2]), Path(sys.argv[3]))
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=10.0, help="per load run")
     parser.add_argument("--requests", type=int, default=3000, help="per load run")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds of load runs")
-    parser.add_argument("--parts", default="compare,batching", help="compare, batching, or both")
+    parser.add_argument("--parts", default="compare,batching", help="compare, batching, drift (any of them)")
     parser.add_argument("--batches", type=int, nargs="+", default=[4, 8, 16], help="max_batch values tried")
     parser.add_argument("--large", default="resnet50", help="a larger timm model (random weights); '' skips")
     parser.add_argument("--mlflow", action="store_true", help="also `mlflow models serve` (slow)")
@@ -349,6 +389,8 @@ def main() -> None:
             compare(tmp, lite0, bodies, args)
         if "batching" in parts:
             batching(tmp, lite0, bodies, args)
+        if "drift" in parts:
+            monitoring(tmp, lite0, bodies, args)
         if args.swap:
             swap(tmp, lite0, bodies, args)
     print(f"load average at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
@@ -444,6 +486,46 @@ def batching(tmp: Path, lite0: Path, bodies: list[bytes], args) -> None:
         row(f"(c) {label} in process", 1, limit, limit)
         for max_batch, r in runs.items():
             row(f"{label}, max_batch {max_batch}", c, r, limit)
+
+
+def monitoring(tmp: Path, lite0: Path, bodies: list[bytes], args) -> None:
+    """What drift monitoring costs: the same model (with its embedding output and a reference)
+    served with serve.drift_window 200 and 0, the load alternating between them."""
+    jpeg = {"Content-Type": "image/jpeg"}
+    photos_dir = tmp / "photos"
+    photos_dir.mkdir(exist_ok=True)
+    for i, body in enumerate(bodies):
+        (photos_dir / f"{i}.jpg").write_bytes(body)
+    subprocess.run([sys.executable, __file__, "--export-monitored", str(lite0), str(photos_dir)],
+                   check=True, stderr=subprocess.DEVNULL)  # fmt: skip
+    model = lite0.parent / "monitored" / "model.onnx"
+    want = expected(classifier(model), bodies)
+    c = max(args.concurrency)
+    runs: dict[int, list[dict]] = {}
+    with ExitStack() as servers:
+        urls = {}
+        for window in (0, 200):
+            port = free_port()
+            servers.enter_context(serve(str(model), port, tmp / f"serve-drift-{window}.log",
+                                        f"serve.drift_window={window}"))  # fmt: skip
+            urls[window] = f"http://127.0.0.1:{port}"
+            check(
+                f"drift_window {window}", f"{urls[window]}/v1/predict", bodies, jpeg, want, visiontune_answer
+            )
+        for _ in range(args.repeats):
+            for window, url in urls.items():
+                runs.setdefault(window, []).append(run(f"{url}/v1/predict", c, bodies, jpeg, args))
+        with urllib.request.urlopen(f"{urls[200]}/v1/drift", timeout=30) as answer:
+            state = json.load(answer)
+    header(f"drift monitoring at concurrency {c} (Lite0 224 px, windows of 200 images)")
+    for window, r in runs.items():
+        row(f"serve.drift_window {window}", c, r, runs[0])
+    seconds = [w["seconds"] for w in state["windows"]]
+    cost = 1 - rate(runs[200]) / rate(runs[0])
+    took = np.median(seconds) if seconds else 0.0
+    print(f"monitoring costs {100 * cost:.1f} % of images/s (target at most 5 %); {len(seconds)} windows "
+          f"checked, {state['skipped_windows']} skipped, a check took {took:.2f} s (median, "
+          "on its own thread)")  # fmt: skip
 
 
 def mlflow_serve(servers: ExitStack, tmp: Path, model_path: Path, bodies: list[bytes], clf, want, args):
