@@ -47,6 +47,7 @@ class DriftMonitor:
         self._checks = ThreadPoolExecutor(1, thread_name_prefix="drift-check")
         self.windows: deque[dict] = deque(maxlen=KEPT)
         self.skipped = 0
+        self._closed = False  # swapped out: requests still in flight on this version are not windowed
 
     @classmethod
     def for_model(cls, onnx: Path, classifier, window: int, cfg: DriftConfig, gauges, version: str | None):
@@ -73,6 +74,8 @@ class DriftMonitor:
             self.gauges.predicted.labels(names[cls_index]).inc(int(count))
         full = []
         with self._lock:
+            if self._closed:
+                return
             self._probs.append(probs)
             self._embeddings.append(np.asarray(embeddings, dtype=np.float32))
             self._buffered += len(probs)
@@ -138,6 +141,10 @@ class DriftMonitor:
         }
 
     def close(self) -> None:
+        """Stop taking images (requests still running on this version may call add) and drop the
+        queued checks: they are of a version no longer served."""
+        with self._lock:
+            self._closed = True
         self._checks.shutdown(wait=False, cancel_futures=True)
 
 

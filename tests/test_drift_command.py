@@ -119,3 +119,28 @@ def test_a_registered_versions_check_is_logged_under_that_version(
     assert run.data.metrics["drift"] == 1.0 and run.data.metrics["p_value"] < 0.05
     logged = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"drift.json", "drift.md", "most_shifted.png"} <= logged
+
+
+def test_the_serve_monitor_checks_full_windows_and_a_swapped_out_one_takes_nothing():
+    import time
+
+    from prometheus_client import CollectorRegistry
+
+    from visiontune.components.config import DriftConfig
+    from visiontune.pipelines.drift_monitor import DriftGauges, DriftMonitor
+
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(3), size=100).astype(np.float32)
+    reference = drift.build_reference(rng.normal(size=(100, 16)).astype(np.float32), probs, ["a", "b", "c"])
+    monitor = DriftMonitor(reference, 10, DriftConfig(), DriftGauges(CollectorRegistry()), "7")
+    logits, embeddings = rng.normal(size=(25, 3)), rng.normal(size=(25, 16)).astype(np.float32)
+    monitor.add(logits, embeddings)  # two full windows and 5 images toward a third
+    deadline = time.monotonic() + 30
+    while len(monitor.windows) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    state = monitor.state()
+    assert len(state["windows"]) == 2 and state["images_in_next_window"] == 5 and state["version"] == "7"
+    assert all(w["window"] == 10 and set(w["tests"]) == {"mmd", "ks", "chi2"} for w in state["windows"])
+    monitor.close()  # swapped out: a request still running on this version must not fail
+    monitor.add(logits, embeddings)
+    assert monitor.state()["images_in_next_window"] == 5
