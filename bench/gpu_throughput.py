@@ -124,6 +124,8 @@ def _mount_checkout() -> None:
 
 _mount_checkout()
 
+from stage_timing import timed_decoding  # noqa: E402
+
 from visiontune.components import cache, manifest  # noqa: E402
 from visiontune.components import model as models  # noqa: E402
 from visiontune.components import policy as policies  # noqa: E402
@@ -347,37 +349,20 @@ class Stage:
         return statistics.median(self.epoch_s[1:] or self.epoch_s)
 
 
-def _timed_decoding(spent: list[float]) -> Callable:
-    """cache.decoded that adds its seconds to `spent` (the stage calls it once, before epoch 1)."""
-    real = cache.decoded
-
-    def decoded(*args, **kwargs):
-        t0 = time.perf_counter()
-        try:
-            return real(*args, **kwargs)
-        finally:
-            spent.append(time.perf_counter() - t0)
-
-    return decoded
-
-
 def run_stage(name: str, size: int, batch: int, epochs: int, prepared: Path, out: Path, store: Path) -> Stage:
     """The train stage, timed from its call to its return; its own progress lines are kept quiet."""
     model_cfg = ModelConfig(name=name, pretrained=False, image_size=size)
     cfg = TrainConfig(epochs=epochs, patience=epochs, batch_size=batch)
-    spent: list[float] = []
-    real, cache.decoded = cache.decoded, _timed_decoding(spent)
     said = io.StringIO()
     try:
-        t0 = time.perf_counter()
-        with contextlib.redirect_stdout(said):
-            result = training.train(cfg, model_cfg, BaseConfig(), prepared, out, store, resume="never")
-        wall = time.perf_counter() - t0
+        with timed_decoding() as spent:
+            t0 = time.perf_counter()
+            with contextlib.redirect_stdout(said):
+                result = training.train(cfg, model_cfg, BaseConfig(), prepared, out, store, resume="never")
+            wall = time.perf_counter() - t0
     except Exception:
         print(said.getvalue())
         raise
-    finally:
-        cache.decoded = real
     with open(out / "history.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     return Stage(

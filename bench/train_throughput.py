@@ -34,14 +34,14 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+from stage_timing import timed_decoding
 
-from visiontune.components import cache, images, manifest
+from visiontune.components import images, manifest
 from visiontune.components import model as models
 from visiontune.components.config import BaseConfig, DataConfig, ModelConfig, TrainConfig
 from visiontune.components.evaluate import batches
@@ -163,28 +163,12 @@ def reference(
     return {**result, "marks": marks}
 
 
-def _timed_decoding(spent: list[float]) -> Callable:
-    """cache.decoded that adds its seconds to `spent` (the train stage calls it once, before epoch 1)."""
-    real = cache.decoded
-
-    def decoded(*args, **kwargs):
-        t0 = time.perf_counter()
-        try:
-            return real(*args, **kwargs)
-        finally:
-            spent.append(time.perf_counter() - t0)
-
-    return decoded
-
-
 def ours(
     prepared: Path, work: Path, size: int, cfg: TrainConfig, on_epoch_end=None, score: bool = True
 ) -> dict:
     """The train stage into a fresh folder and a fresh decoded store; test accuracy afterwards
     (untimed). Returns wall seconds, decode seconds, mean per-epoch images/s, accuracy."""
-    spent: list[float] = []
-    real, cache.decoded = cache.decoded, _timed_decoding(spent)
-    try:
+    with timed_decoding() as spent:
         t0 = time.perf_counter()
         with contextlib.redirect_stdout(io.StringIO()):  # the stage's own progress lines
             result = train(
@@ -192,8 +176,6 @@ def ours(
             resume="never", on_epoch_end=on_epoch_end,
         )  # fmt: skip
         wall = time.perf_counter() - t0
-    finally:
-        cache.decoded = real
     with open(work / "train" / "history.csv") as fh:
         rates = [float(r["images_per_s"]) for r in csv.DictReader(fh)]
     acc = test_accuracy(prepared, work / "train") if score else None
