@@ -5,8 +5,10 @@ trained on) and saves it as one .npz beside model.onnx; `check` tests a window o
 against it with three tests, each with an honest p-value:
 
 - `mmd`: kernel two-sample test (Gretton et al. 2012) on the penultimate-layer embeddings reduced
-  by a PCA fitted on val: Gaussian kernel, median-distance bandwidth on the pooled sample,
-  permutation p-value (k+1)/(B+1). Sees covariate shift the predictions do not show.
+  by a PCA fitted on one half of val (the other half is the reference: axes fitted to the
+  reference itself made 96 % of null windows of 500 fire), Gaussian kernel, median-distance
+  bandwidth on the pooled sample, permutation p-value (k+1)/(B+1), all B permutations in one
+  matrix product. Sees covariate shift the predictions do not show.
 - `ks`: Kolmogorov–Smirnov tests on each class's softmax output, Bonferroni over the classes
   (black-box shift detection: Lipton et al. 2018; Rabanser et al. 2019, "Failing loudly").
 - `chi2`: Pearson's chi-squared test of homogeneity between the reference's and the window's
@@ -14,7 +16,9 @@ against it with three tests, each with an honest p-value:
   window size, so classes with tiny expected counts need no pooling.
 
 The window is flagged when the smallest p-value, Bonferroni-corrected for the three tests, is
-below alpha. numpy and scipy only; imported by export, serve, the drift command and
+below alpha. A fixed seed reuses one set of permutations for every window of a size; over 1,000
+null windows that held the level as well as fresh permutations did (0.052 vs 0.053 at n = 10).
+numpy and scipy only; imported by export, serve, the drift command and
 bench/drift.py; runs nothing.
 """
 
@@ -30,7 +34,7 @@ import numpy as np
 from scipy import stats
 
 FORMAT = 1  # version of the .npz layout
-MAX_COMPONENTS = 128  # PCA size cap: power rose from 8 to 128 axes on digits and blends (bench/drift.py)
+MAX_COMPONENTS = 128  # PCA size cap: power rose from 8 to 128 axes, level held (bench/drift.py --components)
 MAX_REFERENCE = 1000  # reference images kept: the kernel matrix grows with (reference + window)²
 MAX_WINDOW = 2000  # window images tested at once; larger windows are subsampled (seeded)
 TESTS = ("mmd", "ks", "chi2")
