@@ -191,7 +191,7 @@ def markdown(summary: dict) -> str:
         f"`{summary['model']}`, {summary['checked_at']}. The window is flagged when the smallest p-value, "
         f"× 3 for the three tests, is below α = {summary['alpha']}: here {summary['p_value']:.4g}.",
         "",
-        "| test | what it compares | statistic | p-value | effect | fired |",
+        "| test | what it compares | statistic | p-value | effect | below α on its own |",
         "|---|---|---:|---:|---:|---|",
     ]
     what = {

@@ -272,7 +272,8 @@ def drift(
     r = done.check.result
     fired = ", ".join(r.fired) or "none"
     verdict = "shift detected" if r.drift else "no shift detected"
-    typer.echo(f"{verdict} in {r.window} images (p = {r.p_value:.4g}, α = {r.alpha}; tests fired: {fired})")
+    combined = f"smallest p × 3 = {r.p_value:.4g}, α = {r.alpha}"
+    typer.echo(f"{verdict} in {r.window} images ({combined}; tests below α on their own: {fired})")
     logged = f"; logged to MLflow run {done.run_id} ({done.name} v{done.version})" if done.run_id else ""
     typer.echo(f"report: {done.check.files['markdown']}{logged}")
     if r.drift:
