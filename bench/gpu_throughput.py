@@ -84,7 +84,6 @@ import traceback
 import types
 import warnings
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -95,7 +94,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub on the device machine: fa
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from PIL import Image  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -124,9 +122,10 @@ def _mount_checkout() -> None:
 
 _mount_checkout()
 
+from photo_folders import PHOTOS, photo_folder, split_folders  # noqa: E402
 from stage_timing import timed_decoding  # noqa: E402
 
-from visiontune.components import cache, manifest  # noqa: E402
+from visiontune.components import cache  # noqa: E402
 from visiontune.components import model as models  # noqa: E402
 from visiontune.components import policy as policies  # noqa: E402
 from visiontune.components import train as training  # noqa: E402
@@ -135,7 +134,6 @@ from visiontune.components.evaluate import evaluate  # noqa: E402
 from visiontune.components.prepare import materialize_digits, prepare  # noqa: E402
 
 MODELS = ("resnet18", "vit_tiny_patch16_224", "tf_efficientnet_lite0")
-PHOTOS = ("astronaut", "coffee", "rocket", "hubble_deep_field")  # scikit-image's bundled photos: 4 classes
 SECTIONS = ("stage", "handwritten", "digits", "readahead", "sweep")
 STAGE_OVER_SYNTHETIC = 0.9  # targets (the issue's)
 EPOCH1_OVER_LATER = 1.5
@@ -204,46 +202,6 @@ def failures(what: str, verdicts: Verdicts, record: dict):
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def photo_folder(root: Path, n: int, seed: int = 0) -> Path:
-    """n JPEG photos of 256–1024 px, random crops of four photos (one class each), written by
-    threads (Pillow releases the GIL while it resizes and encodes)."""
-    from skimage import data
-
-    rng0 = np.random.default_rng(seed)
-    sources = []
-    for name in PHOTOS:
-        try:
-            sources.append(np.asarray(getattr(data, name)())[..., :3])
-        except Exception:  # a scikit-image without this photo bundled: smooth random colours instead
-            small = rng0.integers(0, 256, (12, 16, 3), dtype=np.uint8)
-            sources.append(np.asarray(Image.fromarray(small).resize((640, 480), Image.Resampling.BICUBIC)))
-        (root / name).mkdir(parents=True, exist_ok=True)
-
-    def one(i: int) -> None:
-        rng = np.random.default_rng([seed, i])
-        photo = sources[i % len(sources)]
-        h, w = photo.shape[:2]
-        ch, cw = rng.integers(h // 2, h + 1), rng.integers(w // 2, w + 1)
-        y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
-        side = int(rng.integers(256, 1025))
-        crop = Image.fromarray(photo[y : y + ch, x : x + cw]).resize((side, int(side * ch / cw)))
-        crop.save(root / PHOTOS[i % len(sources)] / f"{i:05d}.jpg", quality=90)
-
-    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-        list(pool.map(one, range(n)))
-    return root
-
-
-def split_folders(prepared: Path, out: Path) -> dict[str, Path]:
-    """ImageFolder trees (symlinks) of the manifest's splits, so that both loops see the same split."""
-    frame = manifest.read(prepared / "manifest.csv")
-    for row in frame.itertuples():
-        link = out / row.split / row.label / f"{row.Index:06d}{Path(row.path).suffix}"
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(Path(row.path).absolute())
-    return {s: out / s for s in ("train", "val", "test")}
 
 
 def policy_of(cfg: TrainConfig, name: str, size: int, device: torch.device) -> policies.DevicePolicy:

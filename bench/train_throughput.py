@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from photo_folders import photo_folder, split_folders
 from stage_timing import timed_decoding
 
 from visiontune.components import images, manifest
@@ -49,35 +49,6 @@ from visiontune.components.prepare import materialize_digits, prepare
 from visiontune.components.train import train
 
 WORKER_CHOICES = (0, 1, 2)
-
-
-def jpeg_folder(root: Path, n: int, seed: int = 0) -> Path:
-    """n JPEG photos of 256–1024 px: random crops of four scikit-image photos, one class each."""
-    from skimage import data
-
-    rng = np.random.default_rng(seed)
-    sources = {name: getattr(data, name)() for name in ("astronaut", "coffee", "rocket", "hubble_deep_field")}
-    for i in range(n):
-        name = list(sources)[i % len(sources)]
-        photo = sources[name]
-        h, w = photo.shape[:2]
-        ch, cw = rng.integers(h // 2, h + 1), rng.integers(w // 2, w + 1)
-        y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
-        side = int(rng.integers(256, 1025))
-        crop = Image.fromarray(photo[y : y + ch, x : x + cw]).resize((side, int(side * ch / cw)))
-        (root / name).mkdir(parents=True, exist_ok=True)
-        crop.save(root / name / f"{i:05d}.jpg", quality=90)
-    return root
-
-
-def split_folders(prepared: Path, out: Path) -> dict[str, Path]:
-    """ImageFolder trees (symlinks) for the manifest's splits, so both loops see the same split."""
-    frame = manifest.read(prepared / "manifest.csv")
-    for row in frame.itertuples():
-        link = out / row.split / row.label / f"{row.Index:06d}{Path(row.path).suffix}"
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(Path(row.path).absolute())
-    return {s: out / s for s in ("train", "val", "test")}
 
 
 def reference(
@@ -261,7 +232,7 @@ def main() -> None:
             digits = split_folders(work / "pd", work / "ref_digits")
             datasets["digits"] = ("digits (64 px)", work / "pd", digits, 64)
         if sections & {0, 1} and "photos" in wanted:
-            source = jpeg_folder(work / "jpegs", args.jpegs)
+            source = photo_folder(work / "jpegs", args.jpegs)
             prepare(DataConfig(source=str(source)), BaseConfig(), 10**8, work / "pj")
             photos = split_folders(work / "pj", work / "ref_jpegs")
             datasets["photos"] = (f"JPEG photos ({args.jpegs}, 96 px)", work / "pj", photos, 96)
