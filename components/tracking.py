@@ -300,7 +300,7 @@ def register(cfg: RegisterConfig, candidate: Candidate, out: Path) -> RegisterRe
         )
         for key, value in {**tags, **{k: f"{v:.6g}" for k, v in metrics.items()}}.items():
             client.set_model_version_tag(cfg.model_name, version, key, value)
-        client.set_registered_model_alias(cfg.model_name, cfg.alias, version)  # last: the version is whole
+        _set_alias(client, cfg.model_name, cfg.alias, version, newest_wins=True)  # last: the version is whole
     except Exception:
         client.delete_model_version(cfg.model_name, version)  # no half-registered versions
         raise
@@ -440,6 +440,30 @@ class _Registry:
                 raise RegistryError(f"{method}({shown})", self._uri, exc) from exc
 
         return named
+
+
+def _first_alias_race(exc: Exception) -> bool:
+    """True for the server's unique-key error when two clients create one alias at the same moment
+    (the tracking server checks, then inserts: PostgreSQL, MySQL and SQLite all refuse the second)."""
+    text = str(exc).lower()
+    return "registered_model_alias" in text and ("unique" in text or "duplicate" in text)
+
+
+def _set_alias(client, name: str, alias: str, version: str, newest_wins: bool = False) -> None:
+    """Point `alias` at `version`, retrying the race two first-time setters of one alias can lose.
+    With newest_wins, a retry leaves the alias alone when the other writer put it on a newer version."""
+    for attempt in range(5):
+        try:
+            client.set_registered_model_alias(name, alias, version)
+            return
+        except Exception as exc:
+            if attempt == 4 or not _first_alias_race(exc):
+                raise
+        time.sleep(0.05 * (attempt + 1))  # the other insert commits; ours becomes an update
+        if newest_wins:
+            holder = client.get_model_version_by_alias(name, alias)
+            if int(holder.version) > int(version):
+                return
 
 
 def check_reachable(timeout: float = 5.0) -> None:
@@ -606,8 +630,8 @@ def _move_aliases(registry: _Registry, cfg: RegisterConfig, candidate: str, cham
     name = cfg.model_name
     try:
         if champion is not None:
-            registry.set_registered_model_alias(name, PREVIOUS, champion)
-        registry.set_registered_model_alias(name, CHAMPION, candidate)
+            _set_alias(registry, name, PREVIOUS, champion)
+        _set_alias(registry, name, CHAMPION, candidate)
     except RegistryError as exc:
         raise VisiontuneError(
             f"{exc}; the champion alias still points at {'v' + champion if champion else 'no version'}: "
@@ -648,7 +672,7 @@ def rollback(cfg: RegisterConfig) -> dict[str, str]:
     current = _version_by_alias(client, name, CHAMPION)
     if previous is None:
         raise VisiontuneError(f"{name}: no version has alias 'previous'; nothing to roll back to")
-    client.set_registered_model_alias(name, CHAMPION, previous.version)
+    _set_alias(client, name, CHAMPION, previous.version)
     client.delete_registered_model_alias(name, PREVIOUS)
     if cfg.use_stages:
         _set_stage(client, name, previous.version, "Production", archive=True)

@@ -227,3 +227,66 @@ def test_team_server_script_starts_on_postgres_and_s3_bound_to_loopback(
                 except ProcessLookupError:
                     break
                 time.sleep(0.25)
+
+
+# What PostgreSQL answered through the server when two registrations created one alias at once.
+LOST_RACE = (
+    "BAD_REQUEST: (psycopg2.errors.UniqueViolation) duplicate key value violates unique constraint "
+    '"registered_model_alias_pk" DETAIL: Key (workspace, name, alias)=(default, alias-race, candidate) '
+    "already exists."
+)
+
+
+class _LosesTheFirstRace:
+    """A real client on the real server whose first alias call meets a rival that has just created
+    the alias (set for real, on `rival`'s version) and answers as the server did in that race. The
+    race itself lasts microseconds inside the server and cannot be forced from outside."""
+
+    def __init__(self, client, rival: str):
+        self.client, self.rival, self.calls = client, rival, 0
+
+    def set_registered_model_alias(self, name, alias, version):
+        self.calls += 1
+        if self.calls == 1:
+            self.client.set_registered_model_alias(name, alias, self.rival)
+            raise RuntimeError(LOST_RACE)
+        return self.client.set_registered_model_alias(name, alias, version)
+
+    def __getattr__(self, method):
+        return getattr(self.client, method)
+
+
+def test_an_alias_race_lost_to_another_client_is_retried_and_the_newest_version_keeps_it(client_env):
+    from visiontune.components.tracking import _first_alias_race, _set_alias
+
+    client = client_env
+    client.create_registered_model("alias-race")
+    for _ in range(3):
+        client.create_model_version("alias-race", "s3://team-mlflow/none", run_id=None)
+    for text in (  # the same race as PostgreSQL, SQLite and MySQL word it
+        LOST_RACE,
+        "UNIQUE constraint failed: registered_model_aliases.name, registered_model_aliases.alias",
+        "Duplicate entry 'm-candidate' for key 'registered_model_aliases.PRIMARY'",
+    ):
+        assert _first_alias_race(RuntimeError(text))
+    assert not _first_alias_race(RuntimeError("BAD_REQUEST: version 9 does not exist"))
+
+    older_lost = _LosesTheFirstRace(client, rival="3")
+    _set_alias(older_lost, "alias-race", "candidate", "2", newest_wins=True)
+    assert older_lost.calls == 1  # the rival's newer version keeps 'candidate'
+    assert client.get_model_version_by_alias("alias-race", "candidate").version == "3"
+
+    newer_lost = _LosesTheFirstRace(client, rival="1")
+    _set_alias(newer_lost, "alias-race", "newest", "2", newest_wins=True)
+    assert newer_lost.calls == 2  # retried, and the newer version takes it
+    assert client.get_model_version_by_alias("alias-race", "newest").version == "2"
+
+    champion = _LosesTheFirstRace(client, rival="3")
+    _set_alias(champion, "alias-race", "champion", "1")  # no newest_wins: the caller's choice stands
+    assert champion.calls == 2
+    assert client.get_model_version_by_alias("alias-race", "champion").version == "1"
+
+    other = _LosesTheFirstRace(client, rival="1")
+    other.set_registered_model_alias = lambda *a: (_ for _ in ()).throw(RuntimeError("BAD_REQUEST: no"))
+    with pytest.raises(RuntimeError, match="no"):  # any other error is not retried
+        _set_alias(other, "alias-race", "x", "1")
