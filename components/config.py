@@ -28,6 +28,10 @@ class BaseConfig(Section):
 class DataConfig(Section):
     # 'builtin:digits', an image folder (<root>/<class>/...), or a CSV (path,label[,split])
     source: str = "builtin:digits"
+    image_column: str = Field("image", description="a Hugging Face dataset source's image column")
+    label_column: str = Field(
+        "label", description="a Hugging Face dataset source's label column (ClassLabel names are used)"
+    )
     val_fraction: float = Field(0.15, ge=0.0, lt=1.0)
     test_fraction: float = Field(0.15, ge=0.0, lt=1.0)
     min_eval_per_class: int = Field(5, ge=0)  # val and test floor per class, capped at a sixth of it each

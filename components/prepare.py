@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from . import images, manifest
+from . import hf_source, images, manifest
 from .config import BaseConfig, DataConfig
 from .duplicates import perceptual_hash
 from .errors import VisiontuneError
@@ -203,13 +203,18 @@ def missing_tracked_data(path: Path, subject: str | None = None) -> None:
     )
 
 
-def resolve_source(source: str, out: Path) -> tuple[pd.DataFrame, list[str]]:
+def resolve_source(data: DataConfig, out: Path) -> tuple[pd.DataFrame, list[str]]:
     """Turn data.source into rows of (path, label[, split])."""
+    source = data.source
     if source == BUILTIN_DIGITS:
         return scan_folder(materialize_digits(out / "builtin" / "digits"))
     if source.startswith("builtin:"):
         raise SourceError(f"data.source: unknown {source!r}; the built-in dataset is {BUILTIN_DIGITS}")
     path = Path(source)
+    if hf_source.is_hf_source(path):  # images written once under out/hf/, then read as a folder's
+        rows, skipped = hf_source.read(path, data.image_column, data.label_column, out / "hf")
+        rows["path"] = [_display_path(Path(p)) for p in rows["path"]]
+        return rows, skipped
     if path.is_dir():
         try:
             return scan_folder(path)
@@ -221,8 +226,9 @@ def resolve_source(source: str, out: Path) -> tuple[pd.DataFrame, list[str]]:
     if not path.exists():
         missing_tracked_data(path)
     raise SourceError(
-        f"data.source: {source!r} is neither an image folder nor a .csv file; "
-        f"set it to a folder (<root>/<class>/...), a CSV (path,label[,split]) or {BUILTIN_DIGITS}"
+        f"data.source: {source!r} is neither an image folder, a .csv file nor a Hugging Face dataset; "
+        f"set it to a folder (<root>/<class>/...), a CSV (path,label[,split]), a folder saved with "
+        f"`datasets`' save_to_disk, parquet files, or {BUILTIN_DIGITS}"
     )
 
 
@@ -261,7 +267,7 @@ def prepare(data: DataConfig, base: BaseConfig, max_pixels: int, out: Path) -> P
     out.mkdir(parents=True, exist_ok=True)
     rule = SplitRule(base.seed, data.val_fraction, data.test_fraction, data.min_eval_per_class)
     recorded = read_split_record(out, rule)  # read before anything in out is rewritten
-    rows, skipped = resolve_source(data.source, out)
+    rows, skipped = resolve_source(data, out)
     good, quarantined = _inspect_all(rows, data.source, max_pixels)
     good["split"] = assign_splits(good, recorded, rule)
     good["width"] = good["width"].astype(int)

@@ -26,7 +26,10 @@ def source_hash(source: str) -> str:
     if path.is_file():
         path = path.parent
     if not path.is_dir():
-        raise SourceError(f"data.source: {source!r} does not exist; point it at an image folder or a CSV")
+        raise SourceError(
+            f"data.source: {source!r} does not exist; "
+            "point it at an image folder, a CSV or a Hugging Face dataset"
+        )
     from dvc.exceptions import NotDvcRepoError
     from dvc.repo import Repo
     from dvc_data.hashfile.build import build

@@ -117,3 +117,34 @@ def test_exp_run_with_a_param_override(repo):
     assert "Running stage 'train'" in out and "Running stage 'prepare'" not in out
     table = sh(repo, "dvc", "exp", "show", "--json")
     assert "0.0003" in table or "3e-04" in table or "3e-4" in table
+
+
+def test_a_saved_hugging_face_dataset_trains_through_repro_like_its_folder(repo):
+    """The same digits as a `datasets` save_to_disk folder with a ClassLabel feature, tracked by
+    `dvc add`: repro reruns from prepare and its manifest holds the folder's images, labels and splits."""
+    datasets = pytest.importorskip("datasets")
+    from visiontune.components import manifest
+
+    def facts():
+        frame = manifest.read(repo / "data/prepared/prepare/manifest.csv")
+        return set(zip(frame["sha256"], frame["label"], frame["split"], strict=True))
+
+    from_folder = facts()
+    files = sorted((repo / "data/raw/digits").rglob("*.png"))
+    names = sorted({f.parent.name for f in files})
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
+    saved = datasets.Dataset.from_dict(
+        {"image": [str(f) for f in files], "label": [names.index(f.parent.name) for f in files]},
+        features=features,
+    )
+    saved.save_to_disk(str(repo / "data/raw/digits-hf"))
+    sh(repo, "dvc", "add", "-q", "data/raw/digits-hf")
+    set_params(repo, **{"data.source": "data/raw/digits-hf", "train.nproc": 1})
+    out = sh(repo, "dvc", "repro")
+    for stage in ("prepare", "validate", "train", "evaluate", "export", "register"):
+        assert f"Running stage '{stage}'" in out
+    assert facts() == from_folder
+    paths = manifest.read(repo / "data/prepared/prepare/manifest.csv")["path"]
+    assert paths.str.startswith("data/prepared/prepare/hf/").all()
+    metrics = json.loads((repo / "data/prepared/evaluate/metrics.json").read_text())
+    assert metrics["test_images"] == sum(split == "test" for _, _, split in from_folder)

@@ -1,0 +1,135 @@
+"""Hugging Face datasets as data.source: written by the real `datasets` library (save_to_disk, a
+DatasetDict, parquet), read by prepare into the same manifest as the same images in a folder."""
+
+import io
+import json
+import os
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from conftest import tiny_params, write_digits
+from visiontune.components import manifest
+from visiontune.components.images import sha256_file
+from visiontune.components.hf_source import HfSourceError
+from visiontune.components.prepare import prepare
+
+datasets = pytest.importorskip("datasets")
+CLASSES = ["0", "1", "2"]
+
+
+def _run(params, out):
+    return prepare(params.data, params.base, params.validate_.max_pixels, out)
+
+
+def _rows(out) -> set[tuple[str, str, str]]:
+    """What a manifest says about the data: (content, label, split) of every image."""
+    frame = manifest.read(out / "manifest.csv")
+    return set(zip(frame["sha256"], frame["label"], frame["split"], strict=True))
+
+
+def _dataset(folder, names=CLASSES):
+    """The images of a <class>/<image> folder as a `datasets.Dataset` with a ClassLabel feature."""
+    files = sorted(folder.rglob("*.png"))
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
+    return datasets.Dataset.from_dict(
+        {"image": [str(f) for f in files], "label": [names.index(f.parent.name) for f in files]},
+        features=features,
+    )
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """30 digits as a folder, and its manifest prepared the ordinary way."""
+    root = tmp_path_factory.mktemp("hf")
+    data = write_digits(root / "raw", per_class=10)
+    _run(tiny_params(data), root / "from-folder")
+    return data, _rows(root / "from-folder")
+
+
+def test_a_saved_dataset_gives_the_folders_manifest_and_is_left_untouched(folder, tmp_path):
+    data, expected = folder
+    saved = tmp_path / "saved"
+    _dataset(data).save_to_disk(str(saved))
+    before = {p: sha256_file(p) for p in saved.rglob("*") if p.is_file()}
+
+    result = _run(tiny_params(saved), tmp_path / "out")
+    assert result.classes == CLASSES and result.n_images == 30 and result.n_quarantined == 0
+    assert _rows(tmp_path / "out") == expected  # same bytes, labels and splits
+    written = manifest.read(tmp_path / "out" / "manifest.csv")["path"]
+    assert all("/out/hf/" in p for p in written)  # materialized under the prepared data
+    assert before == {p: sha256_file(p) for p in saved.rglob("*") if p.is_file()}
+
+
+def test_a_dataset_dict_and_its_parquet_files_read_the_same(folder, tmp_path):
+    data, expected = folder
+    full = _dataset(data)
+    halves = datasets.DatasetDict(
+        {"train": full.select(range(0, 30, 2)), "test": full.select(range(1, 30, 2))}
+    )
+    halves.save_to_disk(str(tmp_path / "dict"))
+    (tmp_path / "parquet" / "data").mkdir(parents=True)
+    for split, part in halves.items():  # the Hub's layout: data/<split>-00000-of-00001.parquet
+        part.to_parquet(str(tmp_path / "parquet" / "data" / f"{split}-00000-of-00001.parquet"))
+
+    for source in ("dict", "parquet"):
+        _run(tiny_params(tmp_path / source), tmp_path / f"out-{source}")
+        assert _rows(tmp_path / f"out-{source}") == expected, source
+
+
+def test_plain_parquet_with_other_column_names_string_labels_and_raw_bytes(folder, tmp_path):
+    data, expected = folder
+    files = sorted(data.rglob("*.png"))
+    frame = pd.DataFrame(
+        {"picture": [f.read_bytes() for f in files], "digit": [f.parent.name for f in files]}
+    )
+    frame.to_parquet(tmp_path / "digits.parquet")
+    params = tiny_params(
+        tmp_path / "digits.parquet", data={"image_column": "picture", "label_column": "digit"}
+    )
+    _run(params, tmp_path / "out")
+    assert _rows(tmp_path / "out") == expected
+    names = manifest.read(tmp_path / "out" / "manifest.csv")["path"]
+    assert names.str.endswith(".png").all()  # the format read from the bytes when no name came with them
+
+    with pytest.raises(HfSourceError, match=r"digits\.parquet: no column 'image' \(data\.image_column\); its "
+                       r"columns are picture, digit: set data\.image_column"):  # fmt: skip
+        _run(tiny_params(tmp_path / "digits.parquet"), tmp_path / "wrong")
+
+
+def test_rows_without_labels_are_skipped_and_bad_bytes_quarantined_by_name(tmp_path):
+    good = io.BytesIO()
+    Image.new("L", (8, 8), 200).save(good, format="PNG")
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
+    rows = {
+        "image": [{"bytes": good.getvalue(), "path": f"{i}.png"} for i in range(8)]
+        + [{"bytes": b"\x89PNG\r\n\x1a\n garbage", "path": "broken.png"}],
+        "label": [0, 1, 0, 1, 0, 1, -1, -1, 0],
+    }
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(tmp_path / "saved"))
+    result = _run(tiny_params(tmp_path / "saved"), tmp_path / "out")
+    assert result.n_images == 6 and result.n_quarantined == 1
+    assert [s.split(": ", 1)[1] for s in result.skipped] == [
+        "row 6: no label (label is empty or -1)",
+        "row 7: no label (label is empty or -1)",
+    ]
+    quarantined = json.loads((tmp_path / "out" / "quarantine.json").read_text())
+    assert quarantined[0]["path"].endswith("/a/000008-broken.png")
+
+
+def test_images_are_written_once_and_a_shrunk_dataset_leaves_no_stale_copies(folder, tmp_path):
+    data, _ = folder
+    full = _dataset(data)
+    full.save_to_disk(str(tmp_path / "v1"))
+    out = tmp_path / "out"
+    _run(tiny_params(tmp_path / "v1"), out)
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "hf").rglob("*.png")}
+    os.utime(next(iter(stamps)), ns=(1, 1))  # a rewrite would move this stamp again
+    _run(tiny_params(tmp_path / "v1"), out)
+    assert {p: p.stat().st_mtime_ns for p in (out / "hf").rglob("*.png")}[next(iter(stamps))] == 1
+
+    full.select(range(20)).save_to_disk(str(tmp_path / "v2"))
+    result = _run(tiny_params(tmp_path / "v2"), out)
+    assert result.n_images == 20 and len(list((out / "hf").rglob("*.png"))) == 20
+    assert set(manifest.read(out / "manifest.csv")["label"]) == {"0", "1"}  # class 2 was rows 20-29
