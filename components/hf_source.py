@@ -42,45 +42,84 @@ def is_hf_source(path: Path) -> bool:
     return next(files, None) is None  # an image folder with a stray parquet file stays a folder
 
 
+SPLIT_NAMES = {
+    "train": "train",
+    "validation": "val",
+    "valid": "val",
+    "val": "val",
+    "dev": "val",
+    "test": "test",
+}
+
+
 def read(path: Path, image_column: str, label_column: str, dest: Path) -> tuple[pd.DataFrame, list[str]]:
-    """Rows (path, label) for every image of the dataset at path, written under dest/<label>/;
-    also the rows that were skipped (no label). Files under dest from an earlier read that this
-    dataset no longer holds are removed, so dest always mirrors the dataset."""
+    """Rows (path, label, split) for every image of the dataset at path, written under
+    dest/<label>/; also the rows that were skipped (no label). Files under dest from an earlier
+    read that this dataset no longer holds are removed, so dest always mirrors the dataset.
+
+    The dataset's own splits are kept as given splits (see `given_splits`); rows of any other
+    split, or of a dataset without splits, get "" and are split as a folder's images are.
+    """
     tables = _tables(path)
+    given = given_splits([split for _, _, _, split in tables])
     rows, skipped, written = [], [], set()
-    index = 0
-    for source, table, features in tables:
+    index = 0  # across all files: each image's file name under dest starts with it
+    for source, table, features, split in tables:
         _check_columns(source, table.column_names, image_column, label_column)
         names = _class_names(features.get(label_column))
-        images = table.column(image_column).to_pylist()
-        labels = table.column(label_column).to_pylist()
-        for image, label in zip(images, labels, strict=True):
-            where = f"{source}: row {index}"
-            label = _label_name(label, names, where, label_column)
-            if label is None:
-                skipped.append(f"{where}: no label ({label_column} is empty or -1)")
-            else:
-                target = _write_image(image, dest / _safe(label), index, source, where, image_column)
-                written.add(target)
-                rows.append({"path": target.as_posix(), "label": label})
-            index += 1
+        row = 0
+        for batch in table.select([image_column, label_column]).to_batches(max_chunksize=256):
+            for image, label in zip(*(column.to_pylist() for column in batch.columns), strict=True):
+                where = f"{source}: row {row}"
+                label = _label_name(label, names, where, label_column)
+                if label is None:
+                    skipped.append(f"{where}: no label ({label_column} is empty or -1)")
+                else:
+                    target = _write_image(image, dest / _safe(label), index, source, where, image_column)
+                    written.add(target)
+                    rows.append({"path": target.as_posix(), "label": label, "split": given.get(split, "")})
+                row, index = row + 1, index + 1
     _remove_stale(dest, written)
     if not rows:
         raise HfSourceError(
             f"{path}: the dataset holds no labelled images ({len(skipped)} rows without a label)"
         )
-    return pd.DataFrame(rows, columns=["path", "label"]), skipped
+    return pd.DataFrame(rows, columns=["path", "label", "split"]), skipped
 
 
-def _tables(path: Path) -> list[tuple[Path, object, dict]]:
-    """(file, arrow table, features as `datasets` wrote them) for every data file of the source."""
+def given_splits(names: list[str | None]) -> dict[str | None, str]:
+    """The manifest split each of the dataset's split names is given.
+
+    validation (val, valid, dev) and test keep their role. train keeps it only when the dataset
+    also gives validation and test images; otherwise its rows are drawn like a folder's, so that
+    the missing split is filled from them (and a test split smaller than data.test_fraction is
+    topped up). Any other name, or no split at all, is drawn.
+    """
+    roles = {SPLIT_NAMES[n.lower()] for n in names if n and n.lower() in SPLIT_NAMES}
+    given = {n: SPLIT_NAMES[n.lower()] for n in names if n and n.lower() in SPLIT_NAMES}
+    if not {"val", "test"} <= roles:
+        given = {n: role for n, role in given.items() if role != "train"}
+    return given
+
+
+def _tables(path: Path) -> list[tuple[Path, object, dict, str | None]]:
+    """(file, arrow table, features as `datasets` wrote them, split name or None) for every data
+    file of the source. A parquet file's split is the Hub's: data/<split>-00000-of-N.parquet or
+    <split>/....parquet."""
     if path.is_dir() and (path / "dataset_dict.json").is_file():
         splits = _json(path / "dataset_dict.json").get("splits") or []
-        return [t for split in splits for t in _saved_dataset(path / split)]
+        return [(*t, split) for split in splits for t in _saved_dataset(path / split)]
     if path.is_dir() and (path / "state.json").is_file():
-        return _saved_dataset(path)
+        return [(*t, None) for t in _saved_dataset(path)]
     files = [path] if path.is_file() else sorted(path.rglob("*.parquet"))
-    return [_parquet(f) for f in files]
+    return [(*_parquet(f), _parquet_split(f)) for f in files]
+
+
+def _parquet_split(file: Path) -> str | None:
+    for name in (file.stem.split("-")[0], file.parent.name):
+        if name.lower() in SPLIT_NAMES:
+            return name
+    return None
 
 
 def _saved_dataset(folder: Path) -> list[tuple[Path, object, dict]]:

@@ -4,6 +4,7 @@ DatasetDict, parquet), read by prepare into the same manifest as the same images
 import io
 import json
 import os
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -11,8 +12,8 @@ from PIL import Image
 
 from conftest import tiny_params, write_digits
 from visiontune.components import manifest
-from visiontune.components.images import sha256_file
 from visiontune.components.hf_source import HfSourceError
+from visiontune.components.images import sha256_file
 from visiontune.components.prepare import prepare
 
 datasets = pytest.importorskip("datasets")
@@ -62,20 +63,33 @@ def test_a_saved_dataset_gives_the_folders_manifest_and_is_left_untouched(folder
     assert before == {p: sha256_file(p) for p in saved.rglob("*") if p.is_file()}
 
 
-def test_a_dataset_dict_and_its_parquet_files_read_the_same(folder, tmp_path):
+def test_a_dataset_dicts_splits_are_kept_and_its_parquet_files_read_the_same(folder, tmp_path):
     data, expected = folder
     full = _dataset(data)
-    halves = datasets.DatasetDict(
-        {"train": full.select(range(0, 30, 2)), "test": full.select(range(1, 30, 2))}
-    )
-    halves.save_to_disk(str(tmp_path / "dict"))
-    (tmp_path / "parquet" / "data").mkdir(parents=True)
-    for split, part in halves.items():  # the Hub's layout: data/<split>-00000-of-00001.parquet
-        part.to_parquet(str(tmp_path / "parquet" / "data" / f"{split}-00000-of-00001.parquet"))
+    thirds = {"train": full.select(range(0, 30, 3)), "validation": full.select(range(1, 30, 3))}
+    thirds["test"] = full.select(range(2, 30, 3))
+    halves = {"train": full.select(range(0, 30, 2)), "test": full.select(range(1, 30, 2))}
+    contents, undecoded = {}, datasets.Image(decode=False)  # rows give the files they came from
+    for name, splits in (("thirds", thirds), ("halves", halves)):
+        datasets.DatasetDict(splits).save_to_disk(str(tmp_path / name))
+        (tmp_path / f"{name}-parquet" / "data").mkdir(parents=True)
+        for split, part in splits.items():  # the Hub's layout: data/<split>-00000-of-00001.parquet
+            part.to_parquet(str(tmp_path / f"{name}-parquet" / "data" / f"{split}-00000-of-00001.parquet"))
+        contents[name] = {
+            split: {sha256_file(Path(row["image"]["path"])) for row in part.cast_column("image", undecoded)}
+            for split, part in splits.items()
+        }
 
-    for source in ("dict", "parquet"):
+    for source in ("thirds", "thirds-parquet", "halves", "halves-parquet"):
         _run(tiny_params(tmp_path / source), tmp_path / f"out-{source}")
-        assert _rows(tmp_path / f"out-{source}") == expected, source
+        rows = _rows(tmp_path / f"out-{source}")
+        assert {(sha, label) for sha, label, _ in rows} == {(sha, label) for sha, label, _ in expected}
+        by_split = {s: {sha for sha, _, split in rows if split == s} for s in ("train", "val", "test")}
+        given = contents[source.removesuffix("-parquet")]
+        if source.startswith("thirds"):  # all three given: kept exactly
+            assert by_split == {"train": given["train"], "val": given["validation"], "test": given["test"]}
+        else:  # no validation split: val is drawn from train's images, test stays as given
+            assert by_split["test"] == given["test"] and by_split["val"] and by_split["val"] <= given["train"]
 
 
 def test_plain_parquet_with_other_column_names_string_labels_and_raw_bytes(folder, tmp_path):
