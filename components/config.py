@@ -140,6 +140,11 @@ class ExportConfig(Section):
     quantize: Literal["none", "int8", "fp16"] = "none"  # an extra, smaller model beside the fp32 one
     max_accuracy_drop: float = Field(0.01, ge=0, le=1)  # test accuracy the quantized model may lose
     calibration_images: int = Field(200, ge=1)  # train images that calibrate int8 activations
+    license: str | None = Field(
+        None,
+        description="The Hub model card's license (a Hub license id: apache-2.0, mit, cc-by-4.0, "
+        "other, ...); null: the license timm lists for the base weights, else `other`.",
+    )
 
 
 class RegisterConfig(Section):

@@ -1,4 +1,5 @@
-"""export stage: ONNX with a dynamic batch axis, checked by onnx.checker and onnxruntime parity.
+"""export stage: ONNX with a dynamic batch axis, checked by onnx.checker and onnxruntime parity,
+and hf/, the Hugging Face Hub folder (components/hub.py).
 
 Run as `visiontune export` or called by the flow and tests. Export is never unchecked: a file
 that fails the checker or the parity test is not left behind as model.onnx.
@@ -16,7 +17,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from . import manifest
+from . import hub, manifest
 from . import model as models
 from .config import ExportConfig
 from .errors import VisiontuneError
@@ -47,6 +48,8 @@ class ExportResult:
     quantized_size_bytes: int | None = None
     drift_reference: str | None = None  # drift_reference.npz beside model.onnx (components/drift.py)
     drift_reference_note: str | None = None  # why there is none, when there is none
+    hf: str | None = None  # the Hub folder (timm's format, model card, LoRA adapter)
+    hf_note: str | None = None  # why it holds no weights, when it holds none
 
 
 REFERENCE_FILE = "drift_reference.npz"
@@ -177,8 +180,17 @@ def _drift_reference(model, frame, meta: dict, prep, out: Path) -> tuple[Path | 
     return reference.save(out / REFERENCE_FILE), None
 
 
-def export(cfg: ExportConfig, prepared: Path, checkpoint: Path, out: Path) -> ExportResult:
-    """Write out/model.onnx and out/export.json after checker and parity on the test split."""
+def export(
+    cfg: ExportConfig,
+    prepared: Path,
+    checkpoint: Path,
+    out: Path,
+    evaluation: Path | None = None,
+    validation: Path | None = None,
+    data_hash: str = "",
+) -> ExportResult:
+    """Write out/model.onnx and out/export.json after checker and parity on the test split, then
+    out/hf, the Hub folder, whose card reads the evaluate and validate folders when given."""
     out.mkdir(parents=True, exist_ok=True)
     model, meta = models.load_checkpoint(checkpoint)
     prep = models.preprocessing_of(meta)
@@ -186,6 +198,7 @@ def export(cfg: ExportConfig, prepared: Path, checkpoint: Path, out: Path) -> Ex
     with_embedding = _onnx_export(model, prep.size, cfg.opset, tmp)
     from .tracking import lineage
 
+    code = lineage()
     proto = onnx.load(str(tmp))
     for key, value in {
         "class_names": json.dumps(meta["class_names"]),
@@ -195,7 +208,7 @@ def export(cfg: ExportConfig, prepared: Path, checkpoint: Path, out: Path) -> Ex
         "image_size_reason": meta.get("image_size_reason", "model.image_size"),
         "architecture": meta["architecture"],
         "data_sha256": sha256_file(prepared / "manifest.csv"),  # the manifest it was trained on
-        **lineage(),  # git commit and dirty flag; the MLflow run id is added when registered
+        **code,  # git commit and dirty flag; the MLflow run id is added when registered
     }.items():
         proto.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
     onnx.save(proto, str(tmp))
@@ -244,6 +257,8 @@ def export(cfg: ExportConfig, prepared: Path, checkpoint: Path, out: Path) -> Ex
             "accuracy_change": q_accuracy - accuracy,
             "quantized_size_bytes": small.stat().st_size,
         }
+    facts = hub.CardFacts.read(prepared, evaluation, validation, data_hash, cfg.license, code)
+    folder = hub.write_folder(model, meta, checkpoint, out / hub.HF_DIR, facts)
     result = ExportResult(
         onnx=str(final),
         opset=cfg.opset,
@@ -254,6 +269,8 @@ def export(cfg: ExportConfig, prepared: Path, checkpoint: Path, out: Path) -> Ex
         size_bytes=final.stat().st_size,
         drift_reference=str(reference) if reference else None,
         drift_reference_note=note,
+        hf=folder.path,
+        hf_note=folder.note,
         **extra,
     )
     (out / "export.json").write_text(json.dumps(asdict(result), indent=2))

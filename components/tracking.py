@@ -20,9 +20,11 @@ import numpy as np
 
 from .config import RegisterConfig
 from .errors import VisiontuneError
+from .images import sha256_file
 
 DEFAULT_DB = "mlflow.db"  # embedded store: a SQLite file and an artifact folder in the project
 DEFAULT_ARTIFACTS = "mlartifacts"
+HF_ARTIFACTS = "hf"  # the run's artifact folder holding export's Hub folder
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,7 @@ class Candidate:
     evaluation: Path  # folder with metrics.json and plots
     onnx: Path
     data_hash: str = ""  # the DVC hash of data.source (pipelines.dataversion), tagged on the version
+    hf: Path | None = None  # export's Hub folder (components/hub.py), logged as the run's hf/ artifacts
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,7 @@ class RegisterResult:
     version: str
     alias: str
     model_uri: str
+    hf_sha256: str = ""  # sha256 of the logged hf/model.safetensors: `visiontune push` names this version
 
 
 def tracking_uri(project: Path | None = None) -> str:
@@ -277,6 +281,9 @@ def register(cfg: RegisterConfig, candidate: Candidate, out: Path) -> RegisterRe
         proto.metadata_props.append(onnx.StringStringEntryProto(key="mlflow_run_id", value=run_id))
         for quantized in sorted(candidate.onnx.parent.glob("model.*.onnx")):  # int8 / fp16 copies
             mlflow.log_artifact(str(quantized), "quantized")
+        hf_weights = candidate.hf / "model.safetensors" if candidate.hf else None
+        if candidate.hf is not None and candidate.hf.is_dir():  # for `push --model models:/...`
+            mlflow.log_artifacts(str(candidate.hf), HF_ARTIFACTS)
         info = mlflow.onnx.log_model(
             proto,
             name="model",
@@ -312,9 +319,37 @@ def register(cfg: RegisterConfig, candidate: Candidate, out: Path) -> RegisterRe
         version=version,
         alias=cfg.alias,
         model_uri=f"models:/{cfg.model_name}@{cfg.alias}",
+        hf_sha256=sha256_file(hf_weights) if hf_weights is not None and hf_weights.is_file() else "",
     )
     (out / "registration.json").write_text(json.dumps(asdict(result), indent=2))
     return result
+
+
+def download_hf_folder(uri: str, dest: Path) -> tuple[str, str, Path]:
+    """(name, version, local folder) of the Hub folder logged with models:/NAME@ALIAS or
+    models:/NAME/VERSION (the run's hf/ artifacts), downloaded into dest."""
+    import mlflow
+
+    name, _, alias = uri.removeprefix("models:/").partition("@")
+    if alias:
+        found = alias_version(name, alias)
+        version, run_id = found.version, found.run_id
+    else:
+        name, _, version = name.partition("/")
+        if not version:
+            raise VisiontuneError(f"{uri}: write models:/NAME@ALIAS or models:/NAME/VERSION")
+        run_id = _Registry().get_model_version(name, version).run_id
+    try:
+        local = mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path=HF_ARTIFACTS, dst_path=str(dest), tracking_uri=tracking_uri()
+        )
+    except Exception as exc:  # no hf/ in that run (registered before it was logged) or no server
+        raise VisiontuneError(
+            f"{uri} (v{version}, run {run_id}): no {HF_ARTIFACTS}/ folder to fetch from {tracking_uri()} "
+            f"({type(exc).__name__}); register the model again with this visiontune, or push the local "
+            "folder: --model data/prepared/export/hf"
+        ) from None
+    return name, version, Path(local)
 
 
 def run_metrics(ref: str) -> tuple[str, dict[str, float]]:

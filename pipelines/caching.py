@@ -41,10 +41,13 @@ STAGE_INPUTS: dict[str, StageInputs] = {
         ("evaluate",),
         ("prepare", "train/model.safetensors", "train/checkpoint.json", "train/history.csv", "validate"),
     ),
-    "export": StageInputs(("export",), ("prepare", "train/model.safetensors", "train/checkpoint.json")),
+    "export": StageInputs(
+        ("export", "data.source"),
+        ("prepare", "train/model.safetensors", "train/checkpoint.json", "validate", "evaluate/metrics.json"),
+    ),
     "register": StageInputs(
         ("register",),
-        ("validate", "train/model.safetensors", "evaluate/metrics.json", "export/model.onnx"),
+        ("validate", "train/model.safetensors", "evaluate/metrics.json", "export/model.onnx", "export/hf"),
     ),
 }
 

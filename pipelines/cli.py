@@ -376,6 +376,54 @@ def summary(root: RootOpt = Path("data/prepared")) -> None:
 
 
 @app.command()
+def push(
+    repo_id: Annotated[
+        str, typer.Option("--repo-id", help="The Hub repository: ORG/NAME (created if missing).")
+    ],
+    model: Annotated[
+        str,
+        typer.Option(
+            "--model",
+            help="An export's hf/ folder, or models:/NAME@ALIAS or models:/NAME/VERSION from the registry.",
+        ),
+    ] = "data/prepared/export/hf",
+    private: Annotated[bool, typer.Option("--private", help="Create the repository as private.")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="List the files that would be sent, with sizes; send nothing.")
+    ] = False,
+) -> None:
+    """Upload the Hub folder (timm weights, config.json, model card, LoRA adapter) to the Hugging Face Hub.
+
+    One commit, its message naming the registered model version and the data hash. The token
+    comes from HF_TOKEN.
+    """
+    import tempfile
+
+    from visiontune.components import hub
+
+    with user_errors("push"), tempfile.TemporaryDirectory() as scratch:
+        if model.startswith("models:/"):
+            from visiontune.components.tracking import download_hf_folder
+
+            name, version, folder = download_hf_folder(model, Path(scratch))
+            label = f"{name} v{version}"
+        else:
+            folder, label = Path(model), None
+        hub.check_folder(folder)  # before reading its config.json for the commit message
+        label = label or hub.local_version(folder)
+        result = hub.push(folder, repo_id, hub.commit_message(folder, label), private, dry_run)
+    verb = "would send" if dry_run else "sent"
+    total = sum(result.files.values())
+    typer.echo(f"{verb} {len(result.files)} files ({total:,} bytes) to {result.repo_id}:")
+    width = max(len(name) for name in result.files)
+    for name, size in result.files.items():
+        typer.echo(f"  {name:<{width}}  {size:>14,} bytes")
+    typer.echo(f"commit message: {result.commit_message}")
+    if result.commit_url:
+        typer.echo(f"commit: {result.commit_url}")
+
+
+@app.command()
 def serve(
     model: Annotated[
         str | None,

@@ -144,28 +144,43 @@ def evaluate(params: Params, layout: Layout):
 def export(params: Params, layout: Layout):
     from visiontune.components.export import export as run
 
-    return run(params.export, layout.prepare, layout.train, layout.export)
+    return run(
+        params.export,
+        layout.prepare,
+        layout.train,
+        layout.export,
+        evaluation=layout.evaluate,  # the model card's evaluation table and validation summary
+        validation=layout.validate,
+        data_hash=_data_hash(params),
+    )
 
 
-def register(params: Params, layout: Layout):
+def _data_hash(params: Params) -> str:
+    """The DVC hash of data.source, or "" when the data moved since training."""
     from visiontune.components.prepare import SourceError
-    from visiontune.components.tracking import Candidate
-    from visiontune.components.tracking import register as run
 
     from .dataversion import source_hash
 
     try:
-        data_hash = source_hash(params.data.source)
-    except SourceError:  # the data moved since training: register what is on disk anyway
-        data_hash = ""
+        return source_hash(params.data.source)
+    except SourceError:
+        return ""
+
+
+def register(params: Params, layout: Layout):
+    from visiontune.components.hub import HF_DIR
+    from visiontune.components.tracking import Candidate
+    from visiontune.components.tracking import register as run
+
     candidate = Candidate(
-        data_hash=data_hash,
+        data_hash=_data_hash(params),  # "" when the data moved since training: register what is on disk
         params={**params.flat(), "train.resolved_lr": params.train.base_lr, **resolved_params(layout)},
         prepare=layout.prepare / "prepare.json",
         validation=layout.validate,
         checkpoint=layout.train,
         evaluation=layout.evaluate,
         onnx=layout.export / "model.onnx",
+        hf=layout.export / HF_DIR,
     )
     result = run(params.register_, candidate, layout.register)
     if params.register_.auto_promote:
