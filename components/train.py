@@ -667,6 +667,9 @@ def _keep_best(run: _Run, progress: _Progress, epoch: int, val_loss: float, val_
         progress.bad_epochs += 1
 
 
+ADAPTER = "adapter"  # under the train folder: the LoRA adapter in peft's format, or a note
+
+
 def _finish(run: _Run, progress: _Progress, model_cfg, base, out: Path, stopped_early: bool, started: float):
     """The best epoch's weights as the checkpoint (LoRA merged, its adapter kept beside), history.csv
     and train.json; the resume state is removed."""
@@ -677,9 +680,13 @@ def _finish(run: _Run, progress: _Progress, model_cfg, base, out: Path, stopped_
         )
     model = run.model
     model.load_state_dict(progress.best_state)
+    shutil.rmtree(out / ADAPTER, ignore_errors=True)  # never an adapter from an earlier run
     if cfg.method == "lora":
-        model.save_pretrained(out / "adapter")  # the small file: adapters and the new head only
+        model.save_pretrained(out / ADAPTER)  # the small file: adapters and the new head only
         model = models.merge_lora(model)
+    else:  # the folder is a declared output either way (export reads it for LoRA runs)
+        (out / ADAPTER).mkdir(parents=True)
+        (out / ADAPTER / "README.md").write_text(f"No LoRA adapter: train.method was {cfg.method}.\n")
     config = {"model": model_cfg.model_dump(), "train": cfg.model_dump(), "seed": base.seed}
     meta = models.checkpoint_meta(model_cfg.name, run.class_names, run.prep, config)
     meta["best_epoch"] = best["epoch"]

@@ -43,7 +43,8 @@ STAGE_INPUTS: dict[str, StageInputs] = {
     ),
     "export": StageInputs(
         ("export", "data.source"),
-        ("prepare", "train/model.safetensors", "train/checkpoint.json", "validate", "evaluate/metrics.json"),
+        ("prepare", "train/model.safetensors", "train/checkpoint.json", "train/adapter", "validate",
+         "evaluate/metrics.json"),  # fmt: skip
     ),
     "register": StageInputs(
         ("register",),
