@@ -8,7 +8,7 @@ export PATH := $(BIN):$(PATH)
 # pip's index configuration on some machines warns about every missing local index entry
 QUIET_PIP := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: install run test test-floors lint mlflow-ui mlflow-server mlflow-team-server prefect-server prefect-worker clean
+.PHONY: install run test test-floors lint docs docs-serve mlflow-ui mlflow-server mlflow-team-server prefect-server prefect-worker clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -33,6 +33,18 @@ test-floors:
 lint: install
 	ruff check components pipelines tests bench
 	ruff format --check components pipelines tests bench
+
+# the docs site (MkDocs, Material): sources in docs/, built into the git-ignored site/
+DOCS_STAMP := $(VENV)/.docs-stamp
+$(DOCS_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e ".[docs]" 2>&1 | $(QUIET_PIP)
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 mkdocs build --strict
+
+docs-serve: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 mkdocs serve --dev-addr 127.0.0.1:8001
 
 mlflow-ui: install
 	mlflow server --backend-store-uri sqlite:///mlflow.db --default-artifact-root ./mlartifacts \

@@ -22,19 +22,34 @@ class Section(BaseModel):
 
 
 class BaseConfig(Section):
-    seed: int = 0
+    seed: int = Field(0, description="Seeds the splits, initialization, shuffling and augmentation.")
 
 
 class DataConfig(Section):
-    # 'builtin:digits', an image folder (<root>/<class>/...), or a CSV (path,label[,split])
-    source: str = "builtin:digits"
+    source: str = Field(
+        "builtin:digits",
+        description="What to train on: `builtin:digits`, an image folder `<root>/<class>/<image>`, a CSV "
+        "`path,label[,split]`, or a Hugging Face dataset (a `save_to_disk` folder or parquet files).",
+    )
     image_column: str = Field("image", description="a Hugging Face dataset source's image column")
     label_column: str = Field(
         "label", description="a Hugging Face dataset source's label column (ClassLabel names are used)"
     )
-    val_fraction: float = Field(0.15, ge=0.0, lt=1.0)
-    test_fraction: float = Field(0.15, ge=0.0, lt=1.0)
-    min_eval_per_class: int = Field(5, ge=0)  # val and test floor per class, capped at a sixth of it each
+    val_fraction: float = Field(
+        0.15,
+        ge=0.0,
+        lt=1.0,
+        description="Share of each class drawn into val; an image keeps its split once drawn "
+        "(`splits.json`).",
+    )
+    test_fraction: float = Field(
+        0.15, ge=0.0, lt=1.0, description="Share of each class drawn into test; val + test must stay below 1."
+    )
+    min_eval_per_class: int = Field(
+        5,
+        ge=0,
+        description="At least this many val and test images per class, each capped at a sixth of the class.",
+    )
 
     @model_validator(mode="after")
     def _fractions_leave_training_data(self) -> DataConfig:
@@ -44,71 +59,199 @@ class DataConfig(Section):
 
 
 class ValidateConfig(Section):
-    min_per_class: int = Field(5, ge=1)
-    max_pixels: int = Field(89_478_485, ge=1)  # Pillow's decompression-bomb default
-    max_imbalance_ratio: float = Field(20.0, ge=1)  # largest class / smallest class, in images
-    max_label_issue_fraction: float = Field(0.1, ge=0, le=1)  # share of images the audit flags
-    allow_leakage: bool = False  # val/test images with an exact or near duplicate in train
-    near_duplicate_distance: int = Field(6, ge=0, le=64)  # pHash bits a candidate pair may differ in
-    # a candidate is confirmed when its standardized 16×16 grayscale thumbnails differ by at most this
-    near_duplicate_pixel_distance: float = Field(0.08, ge=0)
-    label_audit: bool = True
-    # beyond the estimated number of wrong labels, flag an image whose label is wrong with this probability
-    audit_flag_probability: float = Field(0.5, gt=0, le=1)
-    audit_folds: int = Field(5, ge=2)
-    classes: list[str] | None = None  # the known labels; any other label is a schema error
-    on_fail: Literal["error", "warn"] = "error"
+    min_per_class: int = Field(5, ge=1, description="Gate: every class needs at least this many images.")
+    max_pixels: int = Field(
+        89_478_485,
+        ge=1,
+        description="Decompression-bomb limit, pixels per image (Pillow's default); `serve` applies it too.",
+    )
+    max_imbalance_ratio: float = Field(
+        20.0, ge=1, description="Gate: largest class / smallest class, in images."
+    )
+    max_label_issue_fraction: float = Field(
+        0.1, ge=0, le=1, description="Gate: the largest share of images the label audit may flag."
+    )
+    allow_leakage: bool = Field(
+        False,
+        description="Gate: allow val/test images that have an exact or confirmed near duplicate in train.",
+    )
+    near_duplicate_distance: int = Field(
+        6,
+        ge=0,
+        le=64,
+        description="Candidates: bits in which two images' 64-bit perceptual hashes may differ.",
+    )
+    near_duplicate_pixel_distance: float = Field(
+        0.08,
+        ge=0,
+        description="Confirmation: the largest mean absolute difference of a candidate pair's standardized "
+        "16×16 grayscale thumbnails.",
+    )
+    label_audit: bool = Field(
+        True,
+        description="Run the label audit: pretrained features, K-fold cross-validated, with a fitted noise "
+        "model.",
+    )
+    audit_flag_probability: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="Beyond the estimated number of wrong labels, also flag any image whose label is wrong "
+        "with at least this probability.",
+    )
+    audit_folds: int = Field(5, ge=2, description="Cross-validation folds of the label audit.")
+    classes: list[str] | None = Field(
+        None,
+        description="The allowed labels, e.g. `[cat, dog]`; any other label is a schema error. null: any.",
+    )
+    on_fail: Literal["error", "warn"] = Field(
+        "error", description="`error`: a failed gate stops the pipeline; `warn`: write the report and go on."
+    )
 
 
 class ModelConfig(Section):
-    name: str = "tf_efficientnet_lite0"  # any timm model name
-    # auto: chosen from the data (components/model.choose_image_size); None: the model's native size
-    image_size: Annotated[int, Field(ge=16)] | Literal["auto"] | None = "auto"
-    pretrained: bool = True
-    weights: str | None = None  # local weights file (.safetensors, .pth, .bin) for model.name
+    name: str = Field(
+        "tf_efficientnet_lite0",
+        description="Any timm model name; the default's ImageNet weights are installed with visiontune.",
+    )
+    image_size: Annotated[int, Field(ge=16)] | Literal["auto"] | None = Field(
+        "auto",
+        description="Training and inference resolution: `auto` chooses from the data (the native size when "
+        "the images' median short side reaches it, else that median rounded up to a multiple of 32, at least "
+        "64); null: the model's pretrained size; or an integer.",
+    )
+    pretrained: bool = Field(
+        True, description="Start from pretrained weights; false: random initialization (needs far more data)."
+    )
+    weights: str | None = Field(
+        None,
+        description="A local weights file for `model.name` (.safetensors, .pth or .bin holding its state "
+        "dict).",
+    )
 
 
 class LoraConfig(Section):
-    r: int = Field(4, ge=1)  # rank of each low-rank update
-    alpha: float = Field(8.0, gt=0)  # scale = alpha / r
-    dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] | None = None  # None: ViT attention qkv+proj; CNN 1×1 convs and linears
-    include_mlp: bool = False  # ViT: also adapt the MLP (fc1, fc2)
+    r: int = Field(
+        4, ge=1, description="Rank of each low-rank update (Lite0 at r=4 trains 2.98 % of its weights)."
+    )
+    alpha: float = Field(8.0, gt=0, description="Update scale = alpha / r.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapters' input.")
+    target_modules: list[str] | None = Field(
+        None,
+        description="Layer names to adapt; null: ViT attention `qkv` and `proj` (plus the MLP with "
+        "`include_mlp`), CNNs' 1×1 convolutions and linear layers.",
+    )
+    include_mlp: bool = Field(False, description="ViT: also adapt the MLP (`fc1`, `fc2`).")
 
 
 class TrainConfig(Section):
-    method: Literal["full", "linear", "lora"] = "full"
-    epochs: int = Field(10, ge=1)
-    batch_size: int = Field(32, ge=1)
-    grad_accum: int = Field(1, ge=1)  # optimizer step every this many batches
-    lr: float | None = Field(None, gt=0)  # backbone lr (AdamW); None: the method's default below
-    head_lr_scale: float = Field(3.0, gt=0)  # the new head learns this many times faster
-    layer_decay: float | None = Field(None, gt=0, le=1)  # lr × decay^depth from the head down
-    freeze: int = Field(0, ge=0)  # groups frozen from the stem: 1 = stem, 2 = stem + first stage, …
-    weight_decay: float = Field(0.05, ge=0)
-    warmup_epochs: float = Field(1.0, ge=0)
-    label_smoothing: float = Field(0.1, ge=0, lt=1)
-    clip_grad_norm: float | None = Field(None, gt=0)
-    imbalance: Literal["none", "weights", "sampler"] = "none"
-    patience: int = Field(3, ge=1)  # epochs without val-loss improvement before stopping
-    min_delta: float = Field(0.0, ge=0)
-    hflip: bool = False  # off by default: mirrored digits, text or scans change class
-    crop_scale: float = Field(0.8, gt=0, le=1)  # smallest random-crop area kept, as a fraction
-    color_jitter: float = Field(0.1, ge=0, le=1)  # brightness/contrast/saturation strength
-    mixup: float = Field(0.0, ge=0)  # Beta(alpha, alpha) mixup; 0 = off
-    randaugment: int = Field(0, ge=0)  # RandAugment operations per image (magnitude 9); 0 = off
-    probe_levels: int = Field(3, ge=0)  # linear: also read the last N stages/blocks; 0 = final features only
-    lora: LoraConfig = LoraConfig()
-    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    method: Literal["full", "linear", "lora"] = Field(
+        "full",
+        description="`full`: every weight; `linear`: a linear probe on the frozen backbone; `lora`: peft "
+        "adapters + head.",
+    )
+    epochs: int = Field(10, ge=1, description="Upper bound; early stopping may end sooner.")
+    batch_size: int = Field(
+        32, ge=1, description="Images per optimizer batch; with `nproc` > 1 still the global batch."
+    )
+    grad_accum: int = Field(
+        1, ge=1, description="Optimizer step every N batches (effective batch N × batch_size)."
+    )
+    lr: float | None = Field(
+        None,
+        gt=0,
+        description="Backbone learning rate (AdamW, linear warmup then cosine decay); null: the method's "
+        "default, 1e-3 for full and linear, 3e-3 for lora.",
+    )
+    head_lr_scale: float = Field(3.0, gt=0, description="The new head's learning rate is lr × this.")
+    layer_decay: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="e.g. 0.75: each depth group nearer the stem learns 0.75× slower than the next; null: "
+        "off.",
+    )
+    freeze: int = Field(
+        0,
+        ge=0,
+        description="`full` only: depth groups frozen from the stem (1 = stem, 2 = stem + first stage or ViT "
+        "block, …), their norm statistics kept.",
+    )
+    weight_decay: float = Field(
+        0.05, ge=0, description="AdamW weight decay; not applied to norm weights and biases."
+    )
+    warmup_epochs: float = Field(1.0, ge=0, description="Linear learning-rate warmup, in epochs.")
+    label_smoothing: float = Field(0.1, ge=0, lt=1, description="Label smoothing of the training loss.")
+    clip_grad_norm: float | None = Field(
+        None, gt=0, description="Clip the gradient norm to this, e.g. 1.0; null: no clipping."
+    )
+    imbalance: Literal["none", "weights", "sampler"] = Field(
+        "none",
+        description="`weights`: inverse-frequency class weights in the loss; `sampler`: class-balanced "
+        "batches.",
+    )
+    patience: int = Field(
+        3,
+        ge=1,
+        description="Early stopping: epochs without a better val loss; the best-val-loss epoch is kept.",
+    )
+    min_delta: float = Field(
+        0.0, ge=0, description="Early stopping: the smallest val-loss decrease that counts as better."
+    )
+    hflip: bool = Field(
+        False,
+        description="Random horizontal flips: on for photos; off for digits, text and scans, whose mirror "
+        "images change class.",
+    )
+    crop_scale: float = Field(
+        0.8, gt=0, le=1, description="Random resized crops keep at least this share of the image area."
+    )
+    color_jitter: float = Field(
+        0.1, ge=0, le=1, description="Brightness, contrast and saturation ± this fraction."
+    )
+    mixup: float = Field(0.0, ge=0, description="Mixup with Beta(alpha, alpha); 0: off.")
+    randaugment: int = Field(
+        0, ge=0, description="RandAugment operations per image (torchvision, magnitude 9); 0: off."
+    )
+    probe_levels: int = Field(
+        3,
+        ge=0,
+        description="`linear` only: the head also reads the pooled outputs of the last N feature stages (CNN "
+        "stages, ViT blocks); 0: the final features only (the classic probe).",
+    )
+    lora: LoraConfig = Field(LoraConfig(), description="LoRA settings, used when `method: lora`.")
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field(
+        "auto", description="`auto`: cuda, then mps, then cpu."
+    )
     # the device policy; auto resolves per model family, image size and device (components/policy.py)
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # autocast dtype of forward passes
-    memory_format: Literal["auto", "channels_last", "contiguous"] = "auto"
-    cudnn_benchmark: bool | Literal["auto"] = "auto"  # cuDNN autotuning, with fixed batch shapes
-    fused_optimizer: bool | Literal["auto"] = "auto"  # AdamW's fused CUDA kernel
-    compile: bool = False  # torch.compile the model (slow to start; pays off on long GPU runs)
-    deterministic: bool = False  # deterministic kernels (slower on GPU)
-    nproc: int = Field(1, ge=1)  # data-parallel processes (torchrun); batch_size stays the global batch
-    dist_timeout_s: float = Field(300, gt=0)  # a collective waiting longer than this fails the run
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto",
+        description="Autocast dtype: `bf16`, `fp16` (CUDA, with loss scaling) or `fp32`; auto: the device "
+        "policy (bf16 on CUDA; fp32 elsewhere and for depthwise CNNs under 128 px).",
+    )
+    memory_format: Literal["auto", "channels_last", "contiguous"] = Field(
+        "auto",
+        description="`channels_last` or `contiguous`; auto: the device policy (channels-last for CNNs).",
+    )
+    cudnn_benchmark: bool | Literal["auto"] = Field(
+        "auto", description="cuDNN autotuning with fixed batch shapes; auto: on CUDA unless `deterministic`."
+    )
+    fused_optimizer: bool | Literal["auto"] = Field(
+        "auto", description="AdamW's fused CUDA kernel; auto: on CUDA."
+    )
+    compile: bool = Field(
+        False, description="`torch.compile` the model (long start-up; pays off on long GPU runs)."
+    )
+    deterministic: bool = Field(False, description="Deterministic kernels (slower on GPU).")
+    nproc: int = Field(
+        1,
+        ge=1,
+        description="Data-parallel processes under torchrun (one per GPU); `batch_size` stays the global "
+        "batch.",
+    )
+    dist_timeout_s: float = Field(
+        300, gt=0, description="A wait inside a collective longer than this many seconds fails the run."
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -129,17 +272,35 @@ class TrainConfig(Section):
 
 
 class EvaluateConfig(Section):
-    batch_size: int = Field(64, ge=1)
-    top_k: int = Field(5, ge=1)  # top-k accuracy
-    gallery: int = Field(24, ge=0)  # misclassified test images shown, most confident first
+    batch_size: int = Field(64, ge=1, description="Images per batch when scoring.")
+    top_k: int = Field(5, ge=1, description="The k of the top-k accuracy.")
+    gallery: int = Field(
+        24, ge=0, description="Misclassified test images shown in the report, most confident first."
+    )
 
 
 class ExportConfig(Section):
-    opset: int = Field(17, ge=17)
-    atol: float = Field(1e-4, gt=0)  # max abs logit difference (ORT vs torch) per unit of the largest logit
-    quantize: Literal["none", "int8", "fp16"] = "none"  # an extra, smaller model beside the fp32 one
-    max_accuracy_drop: float = Field(0.01, ge=0, le=1)  # test accuracy the quantized model may lose
-    calibration_images: int = Field(200, ge=1)  # train images that calibrate int8 activations
+    opset: int = Field(17, ge=17, description="ONNX opset (17 or later).")
+    atol: float = Field(
+        1e-4,
+        gt=0,
+        description="Parity: the largest abs logit difference allowed between onnxruntime and PyTorch, per "
+        "unit of the largest |logit| (logits within ±1: absolute).",
+    )
+    quantize: Literal["none", "int8", "fp16"] = Field(
+        "none",
+        description="`int8` (static, calibrated; CPU) or `fp16`: a smaller copy beside the fp32 "
+        "`model.onnx`.",
+    )
+    max_accuracy_drop: float = Field(
+        0.01,
+        ge=0,
+        le=1,
+        description="Test accuracy the quantized copy may lose; a larger drop refuses the copy.",
+    )
+    calibration_images: int = Field(
+        200, ge=1, description="Train images that calibrate the int8 activation ranges."
+    )
     license: str | None = Field(
         None,
         description="The Hub model card's license (a Hub license id: apache-2.0, mit, cc-by-4.0, "
@@ -148,26 +309,36 @@ class ExportConfig(Section):
 
 
 class RegisterConfig(Section):
-    model_name: str = "visiontune-classifier"
-    experiment: str = "visiontune"
-    alias: str = "candidate"
-    metric: str = "test_accuracy"  # promotion compares candidate and champion on this metric
-    greater_is_better: bool = True
-    min_improvement: float = Field(0.0, ge=0)  # the candidate must beat the champion by this much
-    min_metrics: dict[str, float] = {}  # floors any champion must clear, e.g. {test_macro_f1: 0.9}
-    auto_promote: bool = False  # promote right after registering when the gate passes
-    use_stages: bool = True  # also move legacy registry stages (Staging → Production, Archived)
+    model_name: str = Field("visiontune-classifier", description="Registered model name in MLflow.")
+    experiment: str = Field("visiontune", description="MLflow experiment of the runs.")
+    alias: str = Field("candidate", description="Alias given to each newly registered version.")
+    metric: str = Field(
+        "test_accuracy", description="The metric promotion compares between candidate and champion."
+    )
+    greater_is_better: bool = Field(True, description="Direction of `register.metric`.")
+    min_improvement: float = Field(
+        0.0, ge=0, description="The candidate must beat the champion by at least this much."
+    )
+    min_metrics: dict[str, float] = Field(
+        {}, description="Floors every champion must clear, e.g. `{test_macro_f1: 0.9}`."
+    )
+    auto_promote: bool = Field(
+        False, description="Promote right after registering, when the promotion rule allows it."
+    )
+    use_stages: bool = Field(
+        True, description="Also move legacy registry stages (Staging → Production, Archived)."
+    )
 
 
 class FlowTimeouts(Section):
     """Minutes each stage may run as a Prefect task before it is stopped and the flow fails."""
 
-    prepare: float = Field(120, gt=0)
-    validate_: float = Field(120, gt=0, alias="validate")
-    train: float = Field(24 * 60, gt=0)
-    evaluate: float = Field(60, gt=0)
-    export: float = Field(30, gt=0)
-    register_: float = Field(15, gt=0, alias="register")
+    prepare: float = Field(120, gt=0, description="Minutes the prepare stage may run.")
+    validate_: float = Field(120, gt=0, alias="validate", description="Minutes the validate stage may run.")
+    train: float = Field(24 * 60, gt=0, description="Minutes the train stage may run.")
+    evaluate: float = Field(60, gt=0, description="Minutes the evaluate stage may run.")
+    export: float = Field(30, gt=0, description="Minutes the export stage may run.")
+    register_: float = Field(15, gt=0, alias="register", description="Minutes the register stage may run.")
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
@@ -178,52 +349,126 @@ class FlowTimeouts(Section):
 class FlowConfig(Section):
     """How the Prefect flow runs the stages; `dvc repro` ignores this section."""
 
-    cache: bool = True  # skip a stage whose inputs (data, params section, code) are unchanged
-    retries: int = Field(3, ge=0)  # I/O tasks only (registry, tracking); training never retries
-    retry_delay_s: float = Field(10, ge=0)  # first retry delay, doubled at each further retry
-    timeout_minutes: FlowTimeouts = FlowTimeouts()
+    cache: bool = Field(
+        True, description="Skip a stage whose inputs (data hash, params section, code) are unchanged."
+    )
+    retries: int = Field(
+        3, ge=0, description="Retries of I/O tasks (registry, tracking); training never retries."
+    )
+    retry_delay_s: float = Field(
+        10, ge=0, description="First retry after this many seconds, doubled at each further retry."
+    )
+    timeout_minutes: FlowTimeouts = Field(
+        FlowTimeouts(),
+        description="Per-stage timeouts; a stage running longer is stopped and the flow fails.",
+    )
 
 
 class ServeConfig(Section):
-    host: str = "127.0.0.1"  # loopback; 0.0.0.0 exposes the server to the network
-    port: int = Field(8000, ge=1, le=65535)
-    # an ONNX file or folder, models:/NAME@ALIAS (followed) or models:/NAME/VERSION (pinned)
-    model: str = "data/prepared/export/model.onnx"
-    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when onnxruntime-gpu sees a GPU
-    top_k: int = Field(5, ge=1)  # labels per image unless ?top_k= says otherwise
-    max_batch: int = Field(1, ge=1)  # images per onnxruntime call; 1 = no dynamic batching
-    max_wait_ms: float = Field(2.0, ge=0)  # how long a batch waits to fill up, after its first image
-    max_images: int = Field(16, ge=1)  # images per request
-    max_upload_mb: float = Field(20.0, gt=0)  # request body size, MiB
-    poll_s: float = Field(10.0, gt=0)  # how often a models:/NAME@ALIAS alias is checked
-    inference_threads: int = Field(1, ge=1)  # concurrent onnxruntime calls (each uses all cores)
-    decode_threads: int = Field(4, ge=1)  # concurrent image decodes (Pillow releases the GIL)
-    access_log: bool = False  # one log line per request (the /metrics counters always count)
-    # bearer token for /v1/* and /metrics; VISIONTUNE_SERVE_TOKEN wins. Required off loopback
-    token: str | None = None
-    drift_window: int = Field(200, ge=0)  # served images per drift check (drift.alpha); 0 = no monitoring
+    host: str = Field(
+        "127.0.0.1",
+        description="Address to bind: 127.0.0.1 is loopback only; 0.0.0.0 exposes the server (a token is "
+        "then required).",
+    )
+    port: int = Field(8000, ge=1, le=65535, description="Port to listen on.")
+    model: str = Field(
+        "data/prepared/export/model.onnx",
+        description="An ONNX file or folder, `models:/NAME@ALIAS` (followed as the alias moves) or "
+        "`models:/NAME/VERSION` (pinned).",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="`auto`: CUDA when onnxruntime-gpu sees a GPU; `cpu`; `cuda` (fails without it)."
+    )
+    top_k: int = Field(5, ge=1, description="Labels per image unless the request sets `?top_k=`.")
+    max_batch: int = Field(
+        1,
+        ge=1,
+        description="Dynamic batching: images per onnxruntime call; 1: no batching (best for Lite0 on CPU); "
+        "16 pays for ResNet-50.",
+    )
+    max_wait_ms: float = Field(
+        2.0, ge=0, description="How long a batch waits to fill up after its first image, in ms."
+    )
+    max_images: int = Field(16, ge=1, description="Images per request.")
+    max_upload_mb: float = Field(20.0, gt=0, description="Request body size limit, MiB.")
+    poll_s: float = Field(
+        10.0, gt=0, description="How often a `models:/NAME@ALIAS` alias is checked, in seconds."
+    )
+    inference_threads: int = Field(
+        1, ge=1, description="Concurrent onnxruntime calls (each already uses every core)."
+    )
+    decode_threads: int = Field(4, ge=1, description="Concurrent image decodes (Pillow releases the GIL).")
+    access_log: bool = Field(
+        False, description="One log line per request (the /metrics counters always count)."
+    )
+    token: str | None = Field(
+        None,
+        description="Bearer token for `/v1/*` and `/metrics`; `VISIONTUNE_SERVE_TOKEN` wins (keep secrets "
+        "out of params.yaml). Required off loopback.",
+    )
+    drift_window: int = Field(
+        200,
+        ge=0,
+        description="Served images per drift check against the model's val reference; 0: no monitoring.",
+    )
 
 
 class DriftConfig(Section):
-    alpha: float = Field(0.05, gt=0, lt=1)  # a window is flagged when min p-value × 3 < alpha
-    permutations: int = Field(500, ge=100)  # permutations behind the MMD and chi-squared p-values
-    retrain: bool = False  # the drift-check flow starts retraining when shift persists
-    persist: int = Field(2, ge=1)  # ... over this many checks in a row
-    retrain_deployment: str = "training-pipeline/nightly-retrain"  # the deployment it runs
+    alpha: float = Field(
+        0.05,
+        gt=0,
+        lt=1,
+        description="A window is flagged when the smallest of the three p-values × 3 is below this.",
+    )
+    permutations: int = Field(
+        500, ge=100, description="Permutations behind the MMD and chi-squared p-values ((k+1)/(B+1))."
+    )
+    retrain: bool = Field(
+        False, description="The drift-check flow starts `retrain_deployment` when shift persists."
+    )
+    persist: int = Field(2, ge=1, description="... for this many checks in a row.")
+    retrain_deployment: str = Field(
+        "training-pipeline/nightly-retrain", description="The Prefect deployment the drift-check flow starts."
+    )
 
 
 class Params(Section):
-    base: BaseConfig = BaseConfig()
-    data: DataConfig = DataConfig()
-    validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
-    model: ModelConfig = ModelConfig()
-    train: TrainConfig = TrainConfig()
-    evaluate: EvaluateConfig = EvaluateConfig()
-    export: ExportConfig = ExportConfig()
-    register_: RegisterConfig = Field(RegisterConfig(), alias="register")
-    flow: FlowConfig = FlowConfig()
-    serve: ServeConfig = ServeConfig()
-    drift: DriftConfig = DriftConfig()
+    base: BaseConfig = Field(BaseConfig(), description="Shared by the stages.")
+    data: DataConfig = Field(
+        DataConfig(), description="The prepare stage: where the images come from and how they are split."
+    )
+    validate_: ValidateConfig = Field(
+        ValidateConfig(),
+        alias="validate",
+        description="The validate stage's checks and gate thresholds (`visiontune audit` reads them too).",
+    )
+    model: ModelConfig = Field(
+        ModelConfig(),
+        description="The backbone: the train stage, and the image size of validate's label audit.",
+    )
+    train: TrainConfig = Field(TrainConfig(), description="The train stage.")
+    evaluate: EvaluateConfig = Field(EvaluateConfig(), description="The evaluate stage.")
+    export: ExportConfig = Field(
+        ExportConfig(), description="The export stage: ONNX, its parity check and optional quantized copies."
+    )
+    register_: RegisterConfig = Field(
+        RegisterConfig(),
+        alias="register",
+        description="The register stage and promotion (`visiontune promote`, `rollback`).",
+    )
+    flow: FlowConfig = Field(
+        FlowConfig(),
+        description="How the Prefect flow runs the stages (`visiontune run`, deployments); `dvc repro` "
+        "ignores it.",
+    )
+    serve: ServeConfig = Field(
+        ServeConfig(), description="`visiontune serve`; `--model`, `--host` and `--port` override these."
+    )
+    drift: DriftConfig = Field(
+        DriftConfig(),
+        description="`visiontune drift` and the drift-check flow: new images against the model's val-split "
+        "reference.",
+    )
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 

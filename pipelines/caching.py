@@ -43,8 +43,14 @@ STAGE_INPUTS: dict[str, StageInputs] = {
     ),
     "export": StageInputs(
         ("export", "data.source"),
-        ("prepare", "train/model.safetensors", "train/checkpoint.json", "train/adapter", "validate",
-         "evaluate/metrics.json"),  # fmt: skip
+        (
+            "prepare",
+            "train/model.safetensors",
+            "train/checkpoint.json",
+            "train/adapter",
+            "validate",
+            "evaluate/metrics.json",
+        ),  # fmt: skip
     ),
     "register": StageInputs(
         ("register",),
