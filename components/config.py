@@ -512,7 +512,10 @@ def load_params(
         for err in exc.errors():
             where = ".".join(str(p) for p in err["loc"])
             if err["type"] == "extra_forbidden":
-                lines.append(f"  {where}: unknown key; check its spelling against the README")
+                lines.append(
+                    f"  {where}: unknown key; check its spelling against params.yaml and the docs' "
+                    "parameter reference"
+                )
             else:
                 lines.append(f"  {where}: {err['msg']}")
         raise ConfigError(f"{path}: invalid params\n" + "\n".join(lines)) from None
