@@ -364,6 +364,9 @@ def summary(root: RootOpt = Path("data/prepared")) -> None:
     onnx = layout.export / "model.onnx"
     if onnx.exists():
         lines.append(f"  ONNX model      {onnx}")
+    hub_folder = layout.export / "hf"
+    if (hub_folder / "model.safetensors").exists():
+        lines.append(f"  Hub folder      {hub_folder}  (timm, transformers; visiontune push)")
     reg_path = layout.register / "registration.json"
     if reg_path.exists():
         reg = json.loads(reg_path.read_text())

@@ -201,6 +201,15 @@ def test_linear_probe_over_levels_gets_a_card_saying_why_it_has_no_weights(well_
     assert result.exit_code == 1 and "its README.md says why" in result.output
 
 
+def test_summary_points_at_the_hub_folder_only_when_it_has_weights(exported, well_trained):
+    shown = {}
+    for name, (_, layout) in (("exported", exported), ("probe", well_trained)):
+        output = runner.invoke(app, ["summary", "--root", str(layout.root)]).output
+        shown[name] = [line for line in output.splitlines() if line.strip().startswith("Hub folder")]
+    assert len(shown["exported"]) == 1 and str(exported[1].export / "hf") in shown["exported"][0]
+    assert shown["probe"] == []  # a multi-level probe's folder holds only the card saying why
+
+
 def test_registered_model_carries_its_hub_folder(exported, tmp_path, monkeypatch):
     """register logs hf/ with the version; push --model models:/... fetches exactly it back, and a
     local push of the same weights names that version too."""
