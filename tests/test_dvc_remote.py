@@ -162,7 +162,9 @@ def test_untracked_missing_source_keeps_the_plain_message(tmp_path, monkeypatch)
     monkeypatch.chdir(repo)
     with pytest.raises(SourceError) as err:
         _prepare("data/raw", tmp_path / "out")
-    assert "neither an image folder nor a .csv file" in str(err.value) and "dvc pull" not in str(err.value)
+    message = str(err.value)
+    assert "is neither an image folder, a .csv file nor a Hugging Face dataset" in message
+    assert "dvc pull" not in message
     (repo / "data/raw").mkdir(parents=True)
     with pytest.raises(SourceError, match="no images found"):
         _prepare("data/raw", tmp_path / "out")
