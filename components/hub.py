@@ -303,7 +303,8 @@ def _data_version(facts: CardFacts) -> dict[str, str]:
         "Manifest sha256": p["manifest_sha256"],
     }
     if facts.data_hash:
-        version["DVC hash of data.source"] = facts.data_hash
+        built_in = facts.data_hash.startswith("builtin:")  # a built-in dataset has no DVC hash
+        version["Data source" if built_in else "DVC hash of data.source"] = facts.data_hash
     if facts.lineage.get("git_commit"):
         dirty = " (uncommitted changes)" if facts.lineage.get("git_dirty") == "true" else ""
         version["Code (git commit)"] = facts.lineage["git_commit"] + dirty
