@@ -1,7 +1,8 @@
 """Decode once: images decoded and resized to one resolution, kept in a memory-mapped uint8 store.
 
-The store is keyed by resolution (one folder per size) and by content (each image's sha256), so
-renamed or re-listed files are not decoded again and adding images decodes only the new ones.
+The store is keyed by resolution (one folder per size and resize rounding) and by content (each
+image's sha256), so renamed or re-listed files are not decoded again and adding images decodes only
+the new ones.
 Training epochs and the label audit read pixels from it and decode nothing. Imported by train and
 validate; runs nothing.
 """
@@ -24,7 +25,7 @@ class DecodedStore:
     """Rows of size×size×3 uint8 pixels, looked up by content hash."""
 
     def __init__(self, root: Path, size: int):
-        self.folder = root / f"{size}px"
+        self.folder = root / f"{size}px-{images.RESIZE_ROUNDING}"  # pixels of another resize: not reused
         self.size = size
         self.row_bytes = size * size * 3
         index_path = self.folder / INDEX

@@ -124,13 +124,22 @@ def load_image(source: ImageSource, max_pixels: int | None = None, name: str | N
     return rgb
 
 
+RESIZE_ROUNDING = "tv"  # resize's rounding (torchvision's); stores of decoded pixels are kept per value
+
+
 def resize(img: Image.Image, size: int) -> np.ndarray:
-    """Shorter side to `size` (bicubic, antialiased), centre crop to size×size; uint8 HWC."""
+    """Shorter side to `size` (bicubic, antialiased), centre crop to size×size; uint8 HWC.
+
+    Rounded as torchvision's Resize(size) and CenterCrop(size) round (the long side truncated,
+    the crop offset rounded), so timm's and transformers' eval transforms of the exported Hub
+    folder (components/hub.py) see exactly these pixels.
+    """
     w, h = img.size
-    scale = size / min(w, h)
-    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+    short, long = min(w, h), max(w, h)
+    long = int(size * long / short)
+    new_w, new_h = (size, long) if w <= h else (long, size)
     img = img.resize((new_w, new_h), Image.Resampling.BICUBIC, reducing_gap=None)
-    left, top = (new_w - size) // 2, (new_h - size) // 2
+    left, top = int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
     return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
 
 

@@ -30,7 +30,7 @@ def test_a_cut_short_store_is_rebuilt(tmp_path):
     data = write_digits(tmp_path / "raw", classes=(0,), per_class=4)
     paths, shas = _files(data)
     decoded(tmp_path / "cache", 16, paths, shas)
-    pixel_file = tmp_path / "cache" / "16px" / PIXELS
+    pixel_file = tmp_path / "cache" / f"16px-{images.RESIZE_ROUNDING}" / PIXELS
     pixel_file.write_bytes(pixel_file.read_bytes()[:100])  # killed mid-write
     pixels, rows = decoded(tmp_path / "cache", 16, paths, shas)
     np.testing.assert_array_equal(pixels[rows], images.load_batch(paths, 16))

@@ -82,10 +82,15 @@ def test_timm_local_dir_rebuilds_the_checkpoint_with_its_preprocessing(exported)
 
     # timm's eval transform from the saved config is visiontune's preprocessing, pixel for pixel
     transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model))
-    for path in _test_paths(layout)[:5]:
-        ours = normalize(resize(load_image(path), 32)[None], (0.5,) * 3, (0.5,) * 3)[0]
-        theirs = transform(Image.open(path).convert("RGB")).numpy()
-        assert np.abs(ours - theirs).max() <= 1e-6
+    rng = np.random.default_rng(0)
+    photos = [  # wide, tall and odd-sized ones too: the resize's and the crop's rounding must agree
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        for w, h in ((33, 70), (101, 40), (47, 47), (640, 481), (33, 33), (500, 37))
+    ]
+    for image in [load_image(path) for path in _test_paths(layout)[:5]] + photos:
+        ours = normalize(resize(image, 32)[None], (0.5,) * 3, (0.5,) * 3)[0]
+        theirs = transform(image).numpy()
+        assert np.abs(ours - theirs).max() <= 1e-6, image.size
 
 
 def test_transformers_pipeline_gives_predicts_top1_on_every_test_image(exported, monkeypatch):
