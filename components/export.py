@@ -189,17 +189,59 @@ def export(
     validation: Path | None = None,
     data_hash: str = "",
 ) -> ExportResult:
-    """Write out/model.onnx and out/export.json after checker and parity on the test split, then
-    out/hf, the Hub folder, whose card reads the evaluate and validate folders when given."""
+    """Write out/model.onnx and out/export.json after checker and parity on the test split, the
+    drift reference, the quantized copy (export.quantize), then out/hf, the Hub folder, whose card
+    reads the evaluate and validate folders when given."""
+    from .tracking import lineage
+
     out.mkdir(parents=True, exist_ok=True)
     model, meta = models.load_checkpoint(checkpoint)
     prep = models.preprocessing_of(meta)
-    tmp = out / "model.onnx.tmp"
-    with_embedding = _onnx_export(model, prep.size, cfg.opset, tmp)
-    from .tracking import lineage
-
     code = lineage()
-    proto = onnx.load(str(tmp))
+    tmp = out / "model.onnx.tmp"
+    with_embedding = _write_checked_onnx(model, meta, prep, cfg.opset, code, prepared, tmp)
+
+    frame = manifest.read(prepared / "manifest.csv")
+    test = frame[frame["split"] == "test"]
+    batch_list = list(batches(test["path"].tolist(), prep.size, prep.mean, prep.std, 64))
+    parity = _parity(cfg, model, tmp, batch_list)
+    final = out / "model.onnx"
+    tmp.replace(final)  # only a checked file becomes model.onnx
+
+    (out / REFERENCE_FILE).unlink(missing_ok=True)  # never a reference from an earlier model
+    reference, note = _drift_reference(model, frame, meta, prep, out) if with_embedding else (None, None)
+    if not with_embedding:
+        note = f"{meta['architecture']}: no single-layer classifier, so no embedding output"
+    index = {name: i for i, name in enumerate(meta["class_names"])}
+    y_test = test["label"].map(index).to_numpy()
+    accuracy = float((parity.pop("logits").argmax(1) == y_test).mean())
+    quantized = _quantized_copy(cfg, final, frame, prep, batch_list, y_test, accuracy, out)
+
+    facts = hub.CardFacts.read(prepared, evaluation, validation, data_hash, cfg.license, code)
+    folder = hub.write_folder(model, meta, checkpoint, out / hub.HF_DIR, facts)
+    result = ExportResult(
+        onnx=str(final),
+        opset=cfg.opset,
+        **parity,
+        images_checked=len(test),
+        test_accuracy=accuracy,
+        size_bytes=final.stat().st_size,
+        drift_reference=str(reference) if reference else None,
+        drift_reference_note=note,
+        hf=folder.path,
+        hf_note=folder.note,
+        **quantized,
+    )
+    (out / "export.json").write_text(json.dumps(asdict(result), indent=2))
+    return result
+
+
+def _write_checked_onnx(model, meta: dict, prep, opset: int, code: dict, prepared: Path, path: Path) -> bool:
+    """The ONNX file at path with what a server needs in its metadata (class names, preprocessing,
+    the manifest's sha256, the code version), passed by onnx.checker. True when it has the
+    embedding output."""
+    with_embedding = _onnx_export(model, prep.size, opset, path)
+    proto = onnx.load(str(path))
     for key, value in {
         "class_names": json.dumps(meta["class_names"]),
         "mean": json.dumps(list(prep.mean)),
@@ -211,67 +253,50 @@ def export(
         **code,  # git commit and dirty flag; the MLflow run id is added when registered
     }.items():
         proto.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
-    onnx.save(proto, str(tmp))
-    onnx.checker.check_model(str(tmp), full_check=True)
+    onnx.save(proto, str(path))
+    onnx.checker.check_model(str(path), full_check=True)
+    return with_embedding
 
-    frame = manifest.read(prepared / "manifest.csv")
-    paths = frame.loc[frame["split"] == "test", "path"].tolist()
-    batch_list = list(batches(paths, prep.size, prep.mean, prep.std, 64))
+
+def _parity(cfg: ExportConfig, model, path: Path, batch_list: list[np.ndarray]) -> dict:
+    """onnxruntime's logits against PyTorch's on the test batches: ParityError beyond export.atol
+    or on any changed top-1; else the figures (and onnxruntime's logits, under "logits")."""
     ref = models.predict_logits(model, iter(batch_list))
-    got = onnx_logits(tmp, batch_list)
+    got = onnx_logits(path, batch_list)
     max_diff = float(np.abs(ref - got).max())
     # float error grows with the logits' scale: atol holds per unit of the largest logit (at least 1)
     allowed = cfg.atol * max(1.0, float(np.abs(ref).max()))
     agreement = float((ref.argmax(1) == got.argmax(1)).mean())
     if max_diff > allowed or agreement < 1.0:
         raise ParityError(
-            f"{tmp}: onnxruntime differs from PyTorch on {len(paths)} test images: max abs logit "
+            f"{path}: onnxruntime differs from PyTorch on {len(ref)} test images: max abs logit "
             f"difference {max_diff:.2e} (allowed {allowed:.2e}: export.atol {cfg.atol:.0e} × the largest "
             f"logit), top-1 agreement {agreement:.4f}"
         )
-    final = out / "model.onnx"
-    tmp.replace(final)
-    (out / REFERENCE_FILE).unlink(missing_ok=True)  # never a reference from an earlier model
-    reference, note = _drift_reference(model, frame, meta, prep, out) if with_embedding else (None, None)
-    if not with_embedding:
-        note = f"{meta['architecture']}: no single-layer classifier, so no embedding output"
-    index = {name: i for i, name in enumerate(meta["class_names"])}
-    y_test = frame.loc[frame["split"] == "test", "label"].map(index).to_numpy()
-    accuracy = float((got.argmax(1) == y_test).mean())
-    extra: dict = {}
+    return {"max_abs_diff": max_diff, "top1_agreement": agreement, "logits": got}
+
+
+def _quantized_copy(
+    cfg: ExportConfig, final: Path, frame, prep, batch_list, y_test, accuracy, out: Path
+) -> dict:
+    """model.int8.onnx or model.fp16.onnx beside final (export.quantize), refused (and removed)
+    when it loses more test accuracy than export.max_accuracy_drop; its ExportResult fields."""
     for stale in out.glob("model.*.onnx"):
         stale.unlink()
-    if cfg.quantize != "none":
-        train_paths = frame.loc[frame["split"] == "train", "path"].tolist()[: cfg.calibration_images]
-        calibration = list(batches(train_paths, prep.size, prep.mean, prep.std, 16))
-        small = quantize(cfg.quantize, final, calibration, out)
-        q_accuracy = float((onnx_logits(small, batch_list).argmax(1) == y_test).mean())
-        try:
-            check_accuracy_drop(cfg, accuracy, q_accuracy)
-        except QuantizationError:
-            small.unlink()
-            raise
-        extra = {
-            "quantized": str(small),
-            "quantized_accuracy": q_accuracy,
-            "accuracy_change": q_accuracy - accuracy,
-            "quantized_size_bytes": small.stat().st_size,
-        }
-    facts = hub.CardFacts.read(prepared, evaluation, validation, data_hash, cfg.license, code)
-    folder = hub.write_folder(model, meta, checkpoint, out / hub.HF_DIR, facts)
-    result = ExportResult(
-        onnx=str(final),
-        opset=cfg.opset,
-        max_abs_diff=max_diff,
-        top1_agreement=agreement,
-        images_checked=len(paths),
-        test_accuracy=accuracy,
-        size_bytes=final.stat().st_size,
-        drift_reference=str(reference) if reference else None,
-        drift_reference_note=note,
-        hf=folder.path,
-        hf_note=folder.note,
-        **extra,
-    )
-    (out / "export.json").write_text(json.dumps(asdict(result), indent=2))
-    return result
+    if cfg.quantize == "none":
+        return {}
+    train_paths = frame.loc[frame["split"] == "train", "path"].tolist()[: cfg.calibration_images]
+    calibration = list(batches(train_paths, prep.size, prep.mean, prep.std, 16))
+    small = quantize(cfg.quantize, final, calibration, out)
+    q_accuracy = float((onnx_logits(small, batch_list).argmax(1) == y_test).mean())
+    try:
+        check_accuracy_drop(cfg, accuracy, q_accuracy)
+    except QuantizationError:
+        small.unlink()
+        raise
+    return {
+        "quantized": str(small),
+        "quantized_accuracy": q_accuracy,
+        "accuracy_change": q_accuracy - accuracy,
+        "quantized_size_bytes": small.stat().st_size,
+    }
