@@ -186,34 +186,18 @@ def _log_input(dataset) -> None:
 
 
 def register(cfg: RegisterConfig, candidate: Candidate, out: Path) -> RegisterResult:
-    """Log the candidate as one MLflow run and register its ONNX model with alias cfg.alias."""
+    """Log the candidate as one MLflow run and register its ONNX model with alias cfg.alias: the
+    run's contents first, then the model, then the version's card, tags and alias (a failure
+    there deletes the version: no half-registered versions)."""
     import mlflow
-    import mlflow.data
-    import mlflow.onnx
-    import numpy as np
-    import onnx
-    from mlflow.models.signature import ModelSignature
     from mlflow.tracking import MlflowClient
-    from mlflow.types.schema import Schema, TensorSpec
 
     out.mkdir(parents=True, exist_ok=True)
     check_reachable()
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name(cfg.experiment)
-    if experiment is None:
-        location = None
-        if uri.startswith("sqlite:///"):
-            location = (Path.cwd() / DEFAULT_ARTIFACTS).absolute().as_uri()
-        try:
-            experiment_id = client.create_experiment(cfg.experiment, artifact_location=location)
-        except mlflow.exceptions.MlflowException as exc:  # another run created it since we looked
-            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
-            experiment_id = client.get_experiment_by_name(cfg.experiment).experiment_id
-    else:
-        experiment_id = experiment.experiment_id
+    experiment_id = _experiment_id(client, cfg.experiment, uri)
 
     prepared = json.loads(candidate.prepare.read_text())
     train_meta = json.loads((candidate.checkpoint / "checkpoint.json").read_text())
@@ -229,76 +213,8 @@ def register(cfg: RegisterConfig, candidate: Candidate, out: Path) -> RegisterRe
     run_name = f"{train_meta['architecture']}-{tags['method']}"
     with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags) as run:
         run_id = run.info.run_id
-        mlflow.log_params({k: "null" if v is None else v for k, v in candidate.params.items()})
-        env = environment()
-        mlflow.log_dict(env, "environment.json")
-        mlflow.set_tags({f"env.{k}": v for k, v in env.items() if k in ("torch", "cuda", "gpu", "timm")})
-        import pandas as pd
-
-        manifest_csv = candidate.prepare.parent / "manifest.csv"
-        dataset = mlflow.data.from_pandas(
-            pd.read_csv(manifest_csv, dtype=str), source=str(manifest_csv), name="manifest"
-        )
-        _log_input(dataset)
-        history = _history_metrics(candidate.checkpoint / "history.csv")
-        for i in range(0, len(history), 900):  # one request per 900 values, not one per value
-            client.log_batch(run_id, metrics=history[i : i + 900])
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
-        train_json = candidate.checkpoint / "train.json"
-        if train_json.exists():  # what the run was: device, epochs, trainable share, speed
-            outcome = json.loads(train_json.read_text())
-            keys = (
-                "method",
-                "device",
-                "best_epoch",
-                "epochs_run",
-                "trainable_parameters",
-                "trainable_percent",
-            )
-            mlflow.log_params({f"result.{k}": outcome[k] for k in keys if k in outcome})
-            mlflow.log_metric("train_images_per_s", float(outcome["images_per_s"]))
-        for folder, name in (
-            (candidate.validation, "validation"),
-            (candidate.evaluation, "evaluation"),
-            (candidate.checkpoint, "checkpoint"),
-        ):
-            for path in sorted(folder.rglob("*")):
-                if path.is_file() and not path.name.startswith("."):  # not DVC's .gitignore
-                    where = path.parent.relative_to(folder).as_posix()
-                    mlflow.log_artifact(str(path), name if where == "." else f"{name}/{where}")
-
-        size = train_meta["preprocessing"]["size"]
-        proto = onnx.load(str(candidate.onnx))
-        outputs = [TensorSpec(np.dtype(np.float32), (-1, len(train_meta["class_names"])), "logits")]
-        if len(proto.graph.output) > 1:  # the penultimate-layer embedding, for drift detection
-            width = proto.graph.output[1].type.tensor_type.shape.dim[1].dim_value
-            outputs.append(TensorSpec(np.dtype(np.float32), (-1, width), "embedding"))
-        signature = ModelSignature(
-            inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, size, size), "input")]),
-            outputs=Schema(outputs),
-        )
-        reference = candidate.onnx.parent / "drift_reference.npz"  # export's; kept with the model
-        proto.metadata_props.append(onnx.StringStringEntryProto(key="mlflow_run_id", value=run_id))
-        for quantized in sorted(candidate.onnx.parent.glob("model.*.onnx")):  # int8 / fp16 copies
-            mlflow.log_artifact(str(quantized), "quantized")
-        hf_weights = candidate.hf / "model.safetensors" if candidate.hf else None
-        if candidate.hf is not None and candidate.hf.is_dir():  # for `push --model models:/...`
-            mlflow.log_artifacts(str(candidate.hf), HF_ARTIFACTS)
-        info = mlflow.onnx.log_model(
-            proto,
-            name="model",
-            signature=signature,
-            input_example=np.zeros((1, 3, size, size), dtype=np.float32),  # one image, as the model takes it
-            registered_model_name=cfg.model_name,
-            save_as_external_data=False,
-            onnx_execution_providers=["CPUExecutionProvider"],
-            extra_files=[str(reference)] if reference.is_file() else None,
-            metadata={
-                "class_names": train_meta["class_names"],
-                "preprocessing": train_meta["preprocessing"],
-            },
-        )
-    version = str(info.registered_model_version)
+        _log_run_contents(client, run_id, candidate, metrics)
+        version = _log_onnx_model(cfg, candidate, train_meta, run_id)
     report_json = candidate.validation / "report.json"
     validation = json.loads(report_json.read_text()) if report_json.exists() else None
     try:
@@ -311,6 +227,7 @@ def register(cfg: RegisterConfig, candidate: Candidate, out: Path) -> RegisterRe
     except Exception:
         client.delete_model_version(cfg.model_name, version)  # no half-registered versions
         raise
+    hf_weights = candidate.hf / "model.safetensors" if candidate.hf else None
     result = RegisterResult(
         tracking_uri=uri,
         experiment_id=experiment_id,
@@ -323,6 +240,103 @@ def register(cfg: RegisterConfig, candidate: Candidate, out: Path) -> RegisterRe
     )
     (out / "registration.json").write_text(json.dumps(asdict(result), indent=2))
     return result
+
+
+def _experiment_id(client, name: str, uri: str) -> str:
+    """The experiment's id, created when missing (artifacts beside the project for the embedded
+    store); one that another run creates meanwhile is used, not an error."""
+    import mlflow
+
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = None
+    if uri.startswith("sqlite:///"):
+        location = (Path.cwd() / DEFAULT_ARTIFACTS).absolute().as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except mlflow.exceptions.MlflowException as exc:  # another run created it since we looked
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def _log_run_contents(client, run_id: str, candidate: Candidate, metrics: dict) -> None:
+    """Into the active run: params, environment, the manifest as its input dataset, the per-epoch
+    history, test metrics, what training reported, and the validation, evaluation and checkpoint
+    folders as artifacts."""
+    import mlflow
+    import mlflow.data
+    import pandas as pd
+
+    mlflow.log_params({k: "null" if v is None else v for k, v in candidate.params.items()})
+    env = environment()
+    mlflow.log_dict(env, "environment.json")
+    mlflow.set_tags({f"env.{k}": v for k, v in env.items() if k in ("torch", "cuda", "gpu", "timm")})
+    manifest_csv = candidate.prepare.parent / "manifest.csv"
+    dataset = mlflow.data.from_pandas(
+        pd.read_csv(manifest_csv, dtype=str), source=str(manifest_csv), name="manifest"
+    )
+    _log_input(dataset)
+    history = _history_metrics(candidate.checkpoint / "history.csv")
+    for i in range(0, len(history), 900):  # one request per 900 values, not one per value
+        client.log_batch(run_id, metrics=history[i : i + 900])
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+    train_json = candidate.checkpoint / "train.json"
+    if train_json.exists():  # what the run was: device, epochs, trainable share, speed
+        outcome = json.loads(train_json.read_text())
+        keys = ("method", "device", "best_epoch", "epochs_run", "trainable_parameters", "trainable_percent")
+        mlflow.log_params({f"result.{k}": outcome[k] for k in keys if k in outcome})
+        mlflow.log_metric("train_images_per_s", float(outcome["images_per_s"]))
+    for folder, name in (
+        (candidate.validation, "validation"),
+        (candidate.evaluation, "evaluation"),
+        (candidate.checkpoint, "checkpoint"),
+    ):
+        for path in sorted(folder.rglob("*")):
+            if path.is_file() and not path.name.startswith("."):  # not DVC's .gitignore
+                where = path.parent.relative_to(folder).as_posix()
+                mlflow.log_artifact(str(path), name if where == "." else f"{name}/{where}")
+
+
+def _log_onnx_model(cfg: RegisterConfig, candidate: Candidate, train_meta: dict, run_id: str) -> str:
+    """Into the active run: the quantized copies, the Hub folder, and the ONNX model (with its
+    signature, the run id in its metadata and the drift reference beside it), registered as a new
+    version of cfg.model_name; that version."""
+    import mlflow
+    import mlflow.onnx
+    import onnx
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    size = train_meta["preprocessing"]["size"]
+    proto = onnx.load(str(candidate.onnx))
+    outputs = [TensorSpec(np.dtype(np.float32), (-1, len(train_meta["class_names"])), "logits")]
+    if len(proto.graph.output) > 1:  # the penultimate-layer embedding, for drift detection
+        width = proto.graph.output[1].type.tensor_type.shape.dim[1].dim_value
+        outputs.append(TensorSpec(np.dtype(np.float32), (-1, width), "embedding"))
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, size, size), "input")]),
+        outputs=Schema(outputs),
+    )
+    reference = candidate.onnx.parent / "drift_reference.npz"  # export's; kept with the model
+    proto.metadata_props.append(onnx.StringStringEntryProto(key="mlflow_run_id", value=run_id))
+    for quantized in sorted(candidate.onnx.parent.glob("model.*.onnx")):  # int8 / fp16 copies
+        mlflow.log_artifact(str(quantized), "quantized")
+    if candidate.hf is not None and candidate.hf.is_dir():  # for `push --model models:/...`
+        mlflow.log_artifacts(str(candidate.hf), HF_ARTIFACTS)
+    info = mlflow.onnx.log_model(
+        proto,
+        name="model",
+        signature=signature,
+        input_example=np.zeros((1, 3, size, size), dtype=np.float32),  # one image, as the model takes it
+        registered_model_name=cfg.model_name,
+        save_as_external_data=False,
+        onnx_execution_providers=["CPUExecutionProvider"],
+        extra_files=[str(reference)] if reference.is_file() else None,
+        metadata={"class_names": train_meta["class_names"], "preprocessing": train_meta["preprocessing"]},
+    )
+    return str(info.registered_model_version)
 
 
 def download_hf_folder(uri: str, dest: Path) -> tuple[str, str, Path]:
