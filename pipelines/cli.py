@@ -185,7 +185,11 @@ def schedule(
 @app.command()
 def audit(
     source: Annotated[
-        str, typer.Argument(help="An image folder (<root>/<class>/...) or a CSV (path,label[,split]).")
+        str,
+        typer.Argument(
+            help="An image folder (<root>/<class>/...), a CSV (path,label[,split]) or a Hugging Face "
+            "dataset (a save_to_disk folder or parquet files; data.image_column, data.label_column)."
+        ),
     ],
     out: Annotated[Path, typer.Option("--out", help="Folder for the manifest and the report.")] = Path(
         "audit"

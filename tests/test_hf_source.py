@@ -147,3 +147,17 @@ def test_images_are_written_once_and_a_shrunk_dataset_leaves_no_stale_copies(fol
     result = _run(tiny_params(tmp_path / "v2"), out)
     assert result.n_images == 20 and len(list((out / "hf").rglob("*.png"))) == 20
     assert set(manifest.read(out / "manifest.csv")["label"]) == {"0", "1"}  # class 2 was rows 20-29
+
+
+def test_audit_reads_a_saved_dataset_like_a_folder(folder, tmp_path):
+    from typer.testing import CliRunner
+
+    from visiontune.pipelines.cli import app
+
+    data, _ = folder
+    _dataset(data).save_to_disk(str(tmp_path / "saved"))
+    args = ["audit", str(tmp_path / "saved"), "--out", str(tmp_path / "audit")]
+    args += ["--params", str(tmp_path / "none.yaml"), "--set", "validate.label_audit=false"]
+    result = CliRunner().invoke(app, [*args, "--set", "model.image_size=32"])
+    assert result.output.startswith("30 images, 3 classes: 0 quarantined"), result.output
+    assert (tmp_path / "audit" / "report.md").is_file()
