@@ -426,7 +426,9 @@ class DriftConfig(Section):
     retrain: bool = Field(
         False, description="The drift-check flow starts `retrain_deployment` when shift persists."
     )
-    persist: int = Field(2, ge=1, description="... for this many checks in a row.")
+    persist: int = Field(
+        2, ge=1, description="With `retrain`: how many shifted checks in a row start the retraining."
+    )
     retrain_deployment: str = Field(
         "training-pipeline/nightly-retrain", description="The Prefect deployment the drift-check flow starts."
     )
@@ -449,7 +451,8 @@ class Params(Section):
     train: TrainConfig = Field(TrainConfig(), description="The train stage.")
     evaluate: EvaluateConfig = Field(EvaluateConfig(), description="The evaluate stage.")
     export: ExportConfig = Field(
-        ExportConfig(), description="The export stage: ONNX, its parity check and optional quantized copies."
+        ExportConfig(),
+        description="The export stage: ONNX, its parity check, optional quantized copies and the Hub folder.",
     )
     register_: RegisterConfig = Field(
         RegisterConfig(),

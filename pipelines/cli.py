@@ -368,8 +368,10 @@ def summary(root: RootOpt = Path("data/prepared")) -> None:
     onnx = layout.export / "model.onnx"
     if onnx.exists():
         lines.append(f"  ONNX model      {onnx}")
-    hub_folder = layout.export / "hf"
-    if (hub_folder / "model.safetensors").exists():
+    from visiontune.components.hub import HF_DIR, WEIGHTS
+
+    hub_folder = layout.export / HF_DIR
+    if (hub_folder / WEIGHTS).exists():
         lines.append(f"  Hub folder      {hub_folder}  (timm, transformers; visiontune push)")
     reg_path = layout.register / "registration.json"
     if reg_path.exists():
