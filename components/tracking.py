@@ -344,15 +344,8 @@ def download_hf_folder(uri: str, dest: Path) -> tuple[str, str, Path]:
     models:/NAME/VERSION (the run's hf/ artifacts), downloaded into dest."""
     import mlflow
 
-    name, _, alias = uri.removeprefix("models:/").partition("@")
-    if alias:
-        found = alias_version(name, alias)
-        version, run_id = found.version, found.run_id
-    else:
-        name, _, version = name.partition("/")
-        if not version:
-            raise VisiontuneError(f"{uri}: write models:/NAME@ALIAS or models:/NAME/VERSION")
-        run_id = _Registry().get_model_version(name, version).run_id
+    name, version = _name_and_version(uri)
+    run_id = _Registry().get_model_version(name, version).run_id
     try:
         local = mlflow.artifacts.download_artifacts(
             run_id=run_id, artifact_path=HF_ARTIFACTS, dst_path=str(dest), tracking_uri=tracking_uri()
@@ -394,14 +387,20 @@ def run_metrics(ref: str) -> tuple[str, dict[str, float]]:
 def registered_onnx(uri: str, dest: Path) -> tuple[str, str, Path]:
     """(name, version, local ONNX file) of models:/NAME@ALIAS or models:/NAME/VERSION, downloaded
     into dest (with its extra files: the drift reference)."""
+    name, version = _name_and_version(uri)
+    return name, version, download_model(f"models:/{name}/{version}", dest)
+
+
+def _name_and_version(uri: str) -> tuple[str, str]:
+    """(name, version number) that models:/NAME@ALIAS (the alias looked up now) or
+    models:/NAME/VERSION names."""
     name, _, alias = uri.removeprefix("models:/").partition("@")
     if alias:
-        version = alias_version(name, alias).version
-    else:
-        name, _, version = name.partition("/")
-        if not version:
-            raise VisiontuneError(f"{uri}: write models:/NAME@ALIAS or models:/NAME/VERSION")
-    return name, version, download_model(f"models:/{name}/{version}", dest)
+        return name, alias_version(name, alias).version
+    name, _, version = name.partition("/")
+    if not version:
+        raise VisiontuneError(f"{uri}: write models:/NAME@ALIAS or models:/NAME/VERSION")
+    return name, version
 
 
 def log_drift(name: str, version: str, check) -> str:
