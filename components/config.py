@@ -93,7 +93,7 @@ class ValidateConfig(Section):
         "model.",
     )
     audit_flag_probability: float = Field(
-        0.5,
+        0.2,
         gt=0,
         le=1,
         description="Beyond the estimated number of wrong labels, also flag any image whose label is wrong "

@@ -208,7 +208,9 @@ def test_label_audit_finds_planted_label_errors(tmp_path):
     assert abs(audit["expected_precision"] - measured) <= 0.25  # the report says what to expect
     first = report["label_issues"][0]
     assert set(first) >= {"path", "given_label", "suggested_label", "score", "error_probability"}
-    assert "Expected precision" in (tmp_path / "val" / "report.md").read_text()
+    markdown = (tmp_path / "val" / "report.md").read_text()
+    assert "Expected precision" in markdown
+    assert audit["fits"] >= 2 and f"fitted {audit['fits']} times, each refit" in markdown
     assert (tmp_path / "val" / "label_issues.png").read_bytes()[:4] == b"\x89PNG"
 
     limit = audit["flagged_fraction"]  # the gate at its boundary: the limit itself passes
