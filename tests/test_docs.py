@@ -244,7 +244,7 @@ BENCHMARK_FIGURES = {
     "benchmarks.md": [
         "0.92 / 0.97 (0.93)",  # label audit
         "0.70 / 0.78 (0.69)",
-        "20,000 126.9 s (86.9 s)",  # validate speed
+        "20,000 104.2 s (48.4 s)",  # validate speed
         "| digits (8 px) | 1,797 | 1.000 | 0.913 |",  # near duplicates
         "| 100,000 | 0.45 | 3.00 | 15.8 |",  # hash search
         "0.8599 ± 0.0586",  # defaults
