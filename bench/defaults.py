@@ -31,6 +31,7 @@ VARIANTS: dict[str, dict] = {
     "hflip": {"train.hflip": True},
     "lr3e-4": {"train.lr": 3e-4},
     "2x size": {"model.image_size": "double"},  # twice the size auto chooses
+    "no early stop": {"train.patience": 10},  # every epoch, the schedule annealed to its end
 }
 
 
