@@ -114,16 +114,15 @@ def _audit_markdown(audit: dict, issues: list[dict], max_rows: int) -> list[str]
     if audit["status"] != "ran":
         lines.append(f"Not run: {audit.get('reason') or 'validate.label_audit is off'}.")
         return lines
+    refits = (
+        f", fitted {audit['fits']} times, each refit with the images flagged before left out of training"
+        if audit.get("fits", 1) > 1
+        else ""
+    )
     lines.append(
         f"{audit['flagged']} of {audit['images']} images ({audit['flagged_fraction']:.1%}) flagged. "
         f"Out-of-sample probabilities from a {audit['folds']}-fold cross-validated classifier on "
-        f"pretrained features at {audit['image_size'] or 'native'} px"
-        + (
-            f", fitted {audit['fits']} times, each refit with the images flagged before left out of training"
-            if audit.get("fits", 1) > 1
-            else ""
-        )
-        + f"; the classifier agreed with "
+        f"pretrained features at {audit['image_size'] or 'native'} px{refits}; the classifier agreed with "
         f"{audit['cv_accuracy_vs_given_labels']:.1%} of the given labels. A noise model fitted to them "
         f"estimates that {audit['estimated_noise_rate']:.1%} of the labels "
         f"(about {audit['estimated_label_errors']:.0f} images) were flipped to another class; classes "
