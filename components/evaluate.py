@@ -44,18 +44,44 @@ def evaluate(
     details = out / "details"
     details.mkdir(parents=True, exist_ok=True)
     model, meta = models.load_checkpoint(checkpoint)
-    prep = models.preprocessing_of(meta)
-    class_names = meta["class_names"]
-    index = {name: i for i, name in enumerate(class_names)}
+    frame = _checked_manifest(prepared, checkpoint, meta["class_names"])
+    flat, results, absent = _score_splits(cfg, model, meta, frame)
+    (out / "metrics.json").write_text(json.dumps(flat, indent=2))
+    scored, cm, mistakes = _test_details(results["test"], meta["class_names"], details)
+    history = _history(checkpoint)
+    figures = _figures(cfg, flat, scored, cm, mistakes, results["test"], history, meta, details)
+    report_path = validation / "report.json" if validation else None
+    validation_report = json.loads(report_path.read_text()) if report_path and report_path.exists() else None
+    html = evaluation_html(flat, scored, figures, meta, validation_report, mistakes[: cfg.gallery], history)
+    (details / "report.html").write_text(html)
+    return EvaluateResult(
+        metrics=flat,
+        metrics_path=str(out / "metrics.json"),
+        report=str(details / "report.html"),
+        plots=[str(p) for p in figures.values()],
+        classes_without_images=absent,
+    )
+
+
+def _checked_manifest(prepared: Path, checkpoint: Path, class_names: list[str]):
+    """The prepared manifest, once it has a test split and no label the checkpoint lacks."""
     frame = manifest.read(prepared / "manifest.csv")
     if not (frame["split"] == "test").any():
         raise VisiontuneError(
             f"{prepared / 'manifest.csv'}: the test split is empty; raise data.test_fraction"
         )
-    unknown = sorted(set(frame["label"]) - set(index))
+    unknown = sorted(set(frame["label"]) - set(class_names))
     if unknown:
         raise VisiontuneError(f"labels {unknown} are not classes of the checkpoint {checkpoint}; retrain")
+    return frame
 
+
+def _score_splits(cfg: EvaluateConfig, model, meta: dict, frame) -> tuple[dict, dict, dict]:
+    """(flat metrics of test and val, split → (paths, probabilities, true classes), split → classes
+    without images) for the splits that hold images."""
+    prep = models.preprocessing_of(meta)
+    class_names = meta["class_names"]
+    index = {name: i for i, name in enumerate(class_names)}
     flat: dict[str, float] = {}
     results, absent = {}, {}
     for split in ("test", "val"):
@@ -68,9 +94,14 @@ def evaluate(
         flat |= metrics.summary(probs, y_true, split, cfg.top_k)
         results[split] = (paths, probs, y_true)
         absent[split] = metrics.without_images(y_true, class_names)
-    (out / "metrics.json").write_text(json.dumps(flat, indent=2))
+    return flat, results, absent
 
-    paths, probs, y_true = results["test"]
+
+def _test_details(test: tuple, class_names: list[str], details: Path) -> tuple[dict, object, list[dict]]:
+    """Write per_class.json, confusion.json and predictions.csv of the test split; return the
+    classes with test images and their scores, the confusion matrix, and the mistakes, most
+    confident first."""
+    paths, probs, y_true = test
     per_class = metrics.per_class(probs, y_true, class_names)
     cm = metrics.confusion(probs, y_true, len(class_names))
     (details / "per_class.json").write_text(json.dumps(per_class, indent=2))
@@ -90,7 +121,33 @@ def evaluate(
         ),
         key=lambda m: -m["confidence"],
     )
+    return scored, cm, mistakes
 
+
+def _history(checkpoint: Path) -> list[dict]:
+    """The training run's per-epoch rows (history.csv beside the checkpoint), or none."""
+    history_path = checkpoint / "history.csv"
+    if not history_path.exists():
+        return []
+    with open(history_path) as fh:
+        return list(csv.DictReader(fh))
+
+
+def _figures(
+    cfg: EvaluateConfig,
+    flat: dict,
+    scored: dict,
+    cm,
+    mistakes: list[dict],
+    test: tuple,
+    history: list[dict],
+    meta: dict,
+    details: Path,
+) -> dict[str, Path]:
+    """The report's plots, written to details: confusion, per-class F1, reliability, the training
+    curves (when there is a history) and the mistakes gallery (when evaluate.gallery asks)."""
+    _, probs, y_true = test
+    class_names = meta["class_names"]
     figures = {
         "confusion": plots.confusion_matrix(cm, class_names, details),
         "per_class_f1": plots.per_class_f1(scored, details),
@@ -98,25 +155,10 @@ def evaluate(
             metrics.reliability(probs, y_true), flat["test_ece"], details
         ),
     }
-    history_path = checkpoint / "history.csv"
-    history = []
-    if history_path.exists():
-        with open(history_path) as fh:
-            history = list(csv.DictReader(fh))
     if history:
         overfit = metrics.overfitting_epoch(history)
         figures["curves"] = plots.curves(history, meta.get("best_epoch", 0), overfit, details)
     gallery = plots.mistakes_gallery(mistakes, details, cfg.gallery) if cfg.gallery else None
     if gallery:
         figures["mistakes"] = gallery
-    report_path = validation / "report.json" if validation else None
-    validation_report = json.loads(report_path.read_text()) if report_path and report_path.exists() else None
-    html = evaluation_html(flat, scored, figures, meta, validation_report, mistakes[: cfg.gallery], history)
-    (details / "report.html").write_text(html)
-    return EvaluateResult(
-        metrics=flat,
-        metrics_path=str(out / "metrics.json"),
-        report=str(details / "report.html"),
-        plots=[str(p) for p in figures.values()],
-        classes_without_images=absent,
-    )
+    return figures
