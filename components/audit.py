@@ -2,9 +2,10 @@
 them, and the images whose given label is most likely wrong.
 
 Each image is embedded once by the frozen ImageNet Lite0 (pooled mid-level stages); a logistic
-regression is cross-validated over K folds for out-of-sample probabilities. Two numbers are then
-fitted to the given labels by maximum likelihood: a temperature that calibrates the probabilities
-and the share of labels flipped to another class at random. Class overlap is explained by the
+regression is cross-validated over K folds, on two partitions into folds whose probabilities are
+averaged, for out-of-sample probabilities. Two numbers are then fitted to the given labels by
+maximum likelihood: a temperature that calibrates the probabilities and the share of labels
+flipped to another class at random. Class overlap is explained by the
 temperature (ambiguous images get spread-out probabilities) and only labels that the features
 place firmly in another class are explained by flips, so a clean set with overlapping classes
 gets a noise estimate near zero. Each image's probability of carrying a wrong label follows, the
@@ -31,6 +32,9 @@ from . import model as models
 
 AUDIT_ROUNDS = 3  # classifier fits at most: the first on every label, then without the flagged images
 MAX_TEMPERATURE = float(np.exp(4.0))  # the noise fit's softest temperature
+# partitions into folds whose probabilities are averaged: two rank flips better than one (5 % flips: blends'
+# recall 0.79 -> 0.83, faces' precision 0.91 -> 0.97) at twice the classifier's time
+CV_REPEATS = 2
 
 
 @dataclass(frozen=True)
@@ -68,18 +72,29 @@ def out_of_sample_log_probs(
     c: float = 0.1,
     left_out: np.ndarray | None = None,
 ) -> np.ndarray:
-    """K-fold cross-validated log class probabilities: no image is scored by a model that saw it.
+    """K-fold cross-validated log class probabilities, averaged over CV_REPEATS partitions into folds:
+    no image is scored by a model that saw it.
 
     Images in `left_out` are scored like every other but kept out of every training part; the
-    folds depend on the seed and the labels only, so each round of the audit splits alike.
+    partitions depend on the seed and the labels only, so each round of the audit splits alike.
     """
+    from scipy.special import logsumexp
+
+    runs = [_cross_validated(features, labels, folds, seed + r, c, left_out) for r in range(CV_REPEATS)]
+    return np.maximum(logsumexp(runs, axis=0) - np.log(len(runs)), -100.0)  # finite: a temperature divides
+
+
+def _cross_validated(
+    features: np.ndarray, labels: np.ndarray, folds: int, seed: int, c: float, left_out: np.ndarray | None
+) -> np.ndarray:
+    """Log class probabilities of one seeded K-fold partition (see out_of_sample_log_probs)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
     n_classes = int(labels.max()) + 1
-    log_probs = np.full((len(labels), n_classes), -100.0)  # finite: a temperature divides them
+    log_probs = np.full((len(labels), n_classes), -100.0)
     cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     for train, test in cv.split(features, labels):
         if left_out is not None:
@@ -144,7 +159,7 @@ def find_issues(
         log_probs = out_of_sample_log_probs(features, labels, folds, seed, left_out=left_out)
         # trained without the flips it found, the classifier is sharper on them; a softer temperature
         # than the first fit's would move the fit to another explanation (faces, 20 % flips:
-        # precision 0.95 -> 0.59; textures: rate 0)
+        # precision 0.95 -> 0.67; textures: rate 0)
         temperature, rate = fit_noise(log_probs, labels, max_temperature=first_temperature or MAX_TEMPERATURE)
         first_temperature = first_temperature or temperature
         error, flagged = _flag(log_probs, labels, temperature, rate, flag_probability)
