@@ -140,6 +140,27 @@ MUTATIONS = [
         "n_test = min(test, len(new))",
         ("tests/test_splits.py",),
     ),
+    Mutation(
+        "audit: no refit without the flagged images",
+        "components/audit.py",
+        "for fits in range(1, AUDIT_ROUNDS + 1):",
+        "for fits in range(1, 2):",
+        ("tests/test_audit.py::test_refitting_without_the_flagged_images_finds_flips_a_single_fit_misses",),
+    ),
+    Mutation(
+        "audit: a refit's temperature free to soften",
+        "components/audit.py",
+        "max_temperature=first_temperature or MAX_TEMPERATURE",
+        "max_temperature=MAX_TEMPERATURE",
+        ("tests/test_audit.py::test_a_refit_keeps_the_first_fits_temperature_as_its_softest",),
+    ),
+    Mutation(
+        "audit: only the estimated count flagged (the flag bar ignored)",
+        "components/audit.py",
+        "int((error >= flag_probability).sum())",
+        "0",
+        ("tests/test_audit.py",),
+    ),
 ]
 
 
