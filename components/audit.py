@@ -29,12 +29,14 @@ import torch
 
 from . import cache, images
 from . import model as models
+from .config import ValidateConfig
 
 AUDIT_ROUNDS = 3  # classifier fits at most: the first on every label, then without the flagged images
 MAX_TEMPERATURE = float(np.exp(4.0))  # the noise fit's softest temperature
 # partitions into folds whose probabilities are averaged: two rank flips better than one (5 % flips: blends'
 # recall 0.79 -> 0.83, faces' precision 0.91 -> 0.97) at twice the classifier's time
 CV_REPEATS = 2
+FLAG_PROBABILITY = ValidateConfig.model_fields["audit_flag_probability"].default  # params.yaml's
 
 
 @dataclass(frozen=True)
@@ -146,7 +148,11 @@ def _given_label_likelihood(
 
 
 def find_issues(
-    features: np.ndarray, labels: np.ndarray, folds: int, seed: int, flag_probability: float = 0.2
+    features: np.ndarray,
+    labels: np.ndarray,
+    folds: int,
+    seed: int,
+    flag_probability: float = FLAG_PROBABILITY,
 ) -> Findings:
     """Fit the classifier and the noise model and flag; then refit both, up to AUDIT_ROUNDS in all,
     with the images flagged so far kept out of training (and still scored out of sample), until
@@ -229,7 +235,7 @@ def label_audit(
     seed: int,
     out: Path,
     store: Path,
-    flag_probability: float = 0.2,
+    flag_probability: float = FLAG_PROBABILITY,
 ) -> dict:
     """Audit every label in the manifest; returns the report's `label_audit` section and issues."""
     from cleanlab.rank import get_label_quality_scores
