@@ -32,6 +32,8 @@ VARIANTS: dict[str, dict] = {
     "lr3e-4": {"train.lr": 3e-4},
     "2x size": {"model.image_size": "double"},  # twice the size auto chooses
     "no early stop": {"train.patience": 10},  # every epoch, the schedule annealed to its end
+    "no smoothing": {"train.label_smoothing": 0.0},
+    "mixup": {"train.mixup": 0.2},
 }
 
 

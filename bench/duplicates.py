@@ -1,11 +1,12 @@
 """Benchmark: near-duplicate detection on real datasets, and the speed of the hash search.
 
 Run: `python bench/duplicates.py [--datasets digits,faces,textures,photos,blends] [--planted 300]
-[--sizes 10000,50000,100000] [--no-embedding]`
+[--sizes 10000,50000,100000] [--no-embedding] [--resize-filter bicubic]`
 Prints figures; asserts nothing. For each dataset of bench/real_data.py, true near duplicates are
 planted (one edited copy per picked original, the edit cycling through JPEG re-encoding at quality
-60–95, resizing 50–200 %, cropping up to 5 % of each side, brightness ±10 % and a format change to
-WebP/JPEG/BMP), and distinct pairs are every pair of different originals of one class (up to 100k).
+60–95, resizing 50–200 % (bicubic, or --resize-filter), cropping up to 5 % of each side, brightness
+±10 % and a format change to WebP/JPEG/BMP), and distinct pairs are every pair of different
+originals of one class (up to 100k).
 It prints the separation of each candidate confirming measure (planted vs distinct), precision and
 recall of find_duplicates at its defaults (plain and crop-aligned confirmation) on the planted pairs,
 the confirmed near duplicates among the distinct originals alone, recall and false confirmations of
@@ -29,6 +30,7 @@ from visiontune.components import duplicates, hash_search, images
 KINDS = ("jpeg", "resize", "crop", "brightness", "format")
 DEFAULT_DISTANCE = 6  # the default this benchmark argues for (validate.near_duplicate_distance)
 GRID_D, GRID_T = (4, 6, 8, 10, 12), (0.06, 0.08, 0.1, 0.15, 0.2, 0.25)
+RESIZE = {"filter": Image.Resampling.BICUBIC}  # the resize edit's resampling (--resize-filter)
 
 
 def plant(img: Image.Image, kind: str, rng: np.random.Generator, out: Path) -> Path:
@@ -39,7 +41,8 @@ def plant(img: Image.Image, kind: str, rng: np.random.Generator, out: Path) -> P
         return path
     if kind == "resize":
         scale = rng.uniform(0.5, 2.0)
-        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BICUBIC)
+        size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+        img = img.resize(size, RESIZE["filter"])
     elif kind == "crop":
         dx, dy = (round(s * rng.uniform(0, 0.05)) for s in img.size)
         left, top = int(rng.integers(0, dx + 1)), int(rng.integers(0, dy + 1))
@@ -236,7 +239,9 @@ def main() -> None:
     parser.add_argument("--sizes", default="10000,50000,100000")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-embedding", action="store_true")
+    parser.add_argument("--resize-filter", default="bicubic", help="nearest, bilinear, box, hamming…")
     args = parser.parse_args()
+    RESIZE["filter"] = Image.Resampling[args.resize_filter.upper()]
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.datasets.split(","):

@@ -127,6 +127,20 @@ MUTATIONS = [
         ("tests/test_duplicates.py",),
     ),
     Mutation(
+        "duplicates: the resampled comparison accepts anything",
+        "components/duplicates.py",
+        "ok = dist <= RESAMPLED_DISTANCE",
+        "ok = dist <= RESAMPLED_DISTANCE + 10",
+        ("tests/test_duplicates.py",),
+    ),
+    Mutation(
+        "duplicates: small images of different sizes not given the resampled comparison",
+        "components/duplicates.py",
+        "try_resize = ~ok & (bits <= crop_distance) & small &",
+        "try_resize = ~ok & (bits <= max_distance) & small &",
+        ("tests/test_duplicates.py",),
+    ),
+    Mutation(
         "splits: the small-class floor dropped",
         "components/splits.py",
         "return max(int(fraction * n + 0.5), min(rule.min_eval_per_class, n // 6))",

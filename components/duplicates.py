@@ -9,8 +9,11 @@ candidates within CROP_DISTANCE bits (re-encoding moves more hash bits there, wh
 pictures rarely look alike pixel for pixel), and since a crop moves content by up to a thumbnail
 pixel they get a second chance: the least distance between one image and 49 crops of the other
 (either way) must be small, much smaller than the plain one, and the raw brightness and contrast
-must agree. The hash search (hash_search.py) is not all-pairs. Imported by the validate stage;
-runs nothing.
+must agree. A resized copy of a small image thumbnails differently from its original (the
+thumbnail interpolates at both sizes, or meets the copy's blocks), so pairs of small images (at most
+RESIZE_MAX_SIDE px) of different sizes are candidates within CROP_DISTANCE bits too, and are
+confirmed when resampling one to the other's exact size with a common filter reproduces it. The hash
+search (hash_search.py) is not all-pairs. Imported by the validate stage; runs nothing.
 """
 
 from __future__ import annotations
@@ -34,7 +37,16 @@ ALIGNED_DISTANCE = 0.15  # confirmation cut for the best-aligned crop view (same
 ALIGN_GAIN = 0.7  # a crop's aligned distance is at most this share of its plain distance
 ALIGN_MIN_SIDE = 20  # px: below this a 5 % crop moves less than a pixel, so alignment only adds risk
 TONE_MEAN, TONE_CONTRAST = 0.1, 0.35  # a crop keeps brightness (white = 1) and log contrast this close
-MAX_ALIGNED = 10_000  # failed candidate pairs given the aligned comparison, closest first
+MAX_ALIGNED = 10_000  # failed candidate pairs given the aligned (or the resampled) comparison, closest first
+RESIZE_MAX_SIDE = 4 * THUMB  # px: pairs of small images of different sizes get the resampled comparison
+RESIZE_FILTERS = (  # how common tools resize: a copy made with one of these is reproduced exactly
+    Image.Resampling.NEAREST,
+    Image.Resampling.BILINEAR,
+    Image.Resampling.BICUBIC,
+    Image.Resampling.LANCZOS,
+    Image.Resampling.BOX,
+)
+RESAMPLED_DISTANCE = 0.04  # confirmation cut for a reproduced resize (same units as PIXEL_DISTANCE)
 PAIRS_PER_GROUP = 50  # confirmed pairs listed per near group, weakest first
 MAX_SIMILAR = 200  # unconfirmed candidate pairs reported, closest first
 
@@ -92,6 +104,19 @@ def pixel_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.abs(a - b).mean(axis=-1)
 
 
+def resampled_distance(a: Image.Image, b: Image.Image) -> float:
+    """Least pixel distance between one image and the other resampled to its exact size with each of
+    RESIZE_FILTERS, either way round (grayscale, standardized as thumbnails are); 0 = a resize."""
+    a, b = a.convert("L"), b.convert("L")
+    best = np.inf
+    for source, target in ((a, b), (b, a)):
+        seen = _standardize(np.asarray(target, dtype=np.float32).ravel() / 255.0)
+        for method in RESIZE_FILTERS:
+            made = np.asarray(source.resize(target.size, method), dtype=np.float32).ravel() / 255.0
+            best = min(best, float(np.abs(seen - _standardize(made)).mean()))
+    return best
+
+
 def _each_image(view, paths: list[str], max_pixels: int) -> list:
     """view(image) of each file, decoded by the project's decoder in threads (Pillow releases the GIL)."""
     with ThreadPoolExecutor(max_workers=images.decode_threads()) as pool:
@@ -114,7 +139,7 @@ def _closest(kept: tuple[np.ndarray, np.ndarray], pairs: np.ndarray, dist: np.nd
 def _confirm(
     hashes: np.ndarray,
     paths: list[str],
-    sides: np.ndarray,
+    sizes: np.ndarray,
     max_distance: int,
     crop_distance: int,
     threshold: float,
@@ -123,10 +148,12 @@ def _confirm(
     """(confirmed pairs, their pixel distances, closest unconfirmed pairs, their distances).
 
     Candidates are item pairs within max(max_distance, crop_distance) hash bits; only the images
-    in some candidate pair are decoded. A pair within max_distance bits, or within crop_distance
-    bits when both images are at least ALIGN_MIN_SIDE px, is confirmed by its plain pixel
-    distance; the closest MAX_ALIGNED of the larger pairs that fail get the aligned comparison
-    (_confirm_crops). Unconfirmed pairs are those within max_distance bits.
+    in some candidate pair are decoded (sizes: each item's width and height). A pair within
+    max_distance bits, or within crop_distance bits when both images are at least ALIGN_MIN_SIDE
+    px, is confirmed by its plain pixel distance. Of the pairs within crop_distance bits that fail,
+    the closest MAX_ALIGNED of those large pairs get the aligned comparison (_confirm_crops), and
+    the closest MAX_ALIGNED pairs of small images of different sizes the resampled one
+    (_confirm_resized). Unconfirmed pairs are those within max_distance bits.
     """
     values, inverse = np.unique(hashes, return_inverse=True)
     value_pairs = hash_pairs(values, max(max_distance, crop_distance))
@@ -138,12 +165,14 @@ def _confirm(
     row = np.full(len(hashes), -1)
     row[involved] = np.arange(len(involved))
     thumbs = _thumbnails([paths[i] for i in involved], max_pixels)
+    short, long = sizes.min(axis=1), sizes.max(axis=1)
     kept = [[np.empty((0, 2), dtype=np.int64)], [np.empty(0, dtype=np.float32)]]
-    failed = crops = (np.empty((0, 2), dtype=np.int64), np.empty(0, dtype=np.float32))
+    failed = crops = resizes = (np.empty((0, 2), dtype=np.int64), np.empty(0, dtype=np.float32))
     for pairs in member_pairs(inverse, value_pairs):
-        dist = pixel_distance(thumbs[row[pairs[:, 0]]], thumbs[row[pairs[:, 1]]])
-        bits = popcount(hashes[pairs[:, 0]] ^ hashes[pairs[:, 1]])
-        big = (sides[pairs[:, 0]] >= ALIGN_MIN_SIDE) & (sides[pairs[:, 1]] >= ALIGN_MIN_SIDE)
+        a, b = pairs[:, 0], pairs[:, 1]
+        dist = pixel_distance(thumbs[row[a]], thumbs[row[b]])
+        bits = popcount(hashes[a] ^ hashes[b])
+        big = (short[a] >= ALIGN_MIN_SIDE) & (short[b] >= ALIGN_MIN_SIDE)
         ok = (dist <= threshold) & ((bits <= max_distance) | (big & (bits <= crop_distance)))
         kept[0].append(pairs[ok])
         kept[1].append(dist[ok])
@@ -151,12 +180,16 @@ def _confirm(
         failed = _closest(failed, pairs[fail], dist[fail], 10 * MAX_SIMILAR)  # survives the group filter
         try_crop = ~ok & (bits <= crop_distance) & big
         crops = _closest(crops, pairs[try_crop], dist[try_crop], MAX_ALIGNED)
-    crop_pairs, crop_dist = _confirm_crops(*crops, paths, max_pixels)
-    confirmed = np.concatenate([*kept[0], crop_pairs])
-    dist = np.concatenate([*kept[1], crop_dist])
-    if len(crop_pairs):  # a pair confirmed as a crop is no longer unconfirmed
+        small = np.maximum(long[a], long[b]) <= RESIZE_MAX_SIDE
+        try_resize = ~ok & (bits <= crop_distance) & small & (sizes[a] != sizes[b]).any(axis=1)
+        resizes = _closest(resizes, pairs[try_resize], dist[try_resize], MAX_ALIGNED)
+    second = [_confirm_crops(*crops, paths, max_pixels), _confirm_resized(resizes[0], paths, max_pixels)]
+    confirmed = np.concatenate([*kept[0], *(p for p, _ in second)])
+    dist = np.concatenate([*kept[1], *(d for _, d in second)])
+    rescued = np.concatenate([p for p, _ in second])
+    if len(rescued):  # a pair confirmed on a second look is no longer unconfirmed
         n = len(hashes)
-        again = np.isin(failed[0][:, 0] * n + failed[0][:, 1], crop_pairs[:, 0] * n + crop_pairs[:, 1])
+        again = np.isin(failed[0][:, 0] * n + failed[0][:, 1], rescued[:, 0] * n + rescued[:, 1])
         failed = (failed[0][~again], failed[1][~again])
     return confirmed, dist, failed[0], failed[1]
 
@@ -195,6 +228,20 @@ def _confirm_crops(
     return pairs[ok], aligned[ok].astype(np.float32)
 
 
+def _confirm_resized(pairs: np.ndarray, paths: list[str], max_pixels: int) -> tuple[np.ndarray, np.ndarray]:
+    """The pairs (and their resampled distances) in which one image is a resize of the other: the
+    resampled_distance within RESAMPLED_DISTANCE. Each image is decoded once."""
+    if not len(pairs):
+        return pairs, np.empty(0, dtype=np.float32)
+    images_, slot = np.unique(pairs, return_inverse=True)
+    gray = _each_image(lambda img: img.convert("L"), [paths[i] for i in images_.tolist()], max_pixels)
+    dist = np.array(
+        [resampled_distance(gray[x], gray[y]) for x, y in slot.reshape(-1, 2).tolist()], dtype=np.float32
+    )
+    ok = dist <= RESAMPLED_DISTANCE
+    return pairs[ok], dist[ok]
+
+
 def _pair_record(frame: pd.DataFrame, i: int, j: int, hashes: np.ndarray, dist: float) -> dict:
     rows = frame.iloc[[i, j]]
     return {
@@ -218,11 +265,12 @@ def find_duplicates(
     A candidate pair has hashes within max_distance bits (a negative distance turns near search
     off); it is confirmed when its pixel distance is at most `threshold`. Images at least
     ALIGN_MIN_SIDE px are candidates within crop_distance bits, and may also be confirmed as a
-    crop of the other by an aligned comparison (_confirm_crops); the pixel distance is then the
-    aligned one. Near groups are the connected components of confirmed pairs that join different
-    files' contents, with every file of each content; candidates that fail confirmation come back
-    one pair per "similar" entry, closest first (at most MAX_SIMILAR), unless a near group already
-    holds both images.
+    crop of the other by an aligned comparison (_confirm_crops); so are pairs of small images of
+    different sizes, by a resampled comparison (_confirm_resized). The pixel distance is then the
+    aligned or the resampled one. Near groups are the connected components of confirmed pairs that
+    join different files' contents, with every file of each content; candidates that fail
+    confirmation come back one pair per "similar" entry, closest first (at most MAX_SIMILAR),
+    unless a near group already holds both images.
     """
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
@@ -249,11 +297,11 @@ def find_duplicates(
     hashes = np.array([int(h, 16) for h in frame["phash"]], dtype=np.uint64)
     paths = frame["path"].tolist()
     if {"width", "height"} <= set(frame):
-        sides = np.minimum(frame["width"].to_numpy(), frame["height"].to_numpy())[reps]
-    else:  # sizes unknown: every pair may be a crop
-        sides = np.full(len(reps), ALIGN_MIN_SIDE)
+        sizes = frame[["width", "height"]].to_numpy()[reps]
+    else:  # sizes unknown: every pair may be a crop, none a resize
+        sizes = np.full((len(reps), 2), ALIGN_MIN_SIDE)
     confirmed, dist, unconfirmed, udist = _confirm(
-        hashes[reps], [paths[i] for i in reps], sides, max_distance, crop_distance, threshold, max_pixels
+        hashes[reps], [paths[i] for i in reps], sizes, max_distance, crop_distance, threshold, max_pixels
     )
     n = len(reps)
     graph = coo_matrix((np.ones(len(confirmed)), (confirmed[:, 0], confirmed[:, 1])), shape=(n, n))

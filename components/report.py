@@ -52,14 +52,15 @@ def _duplicates_markdown(report: dict, max_rows: int) -> list[str]:
     """Duplicates (exact, confirmed near), leakage, and the similar pairs that were not confirmed."""
     dups, similar, thumbs = report["duplicates"], report["similar_pairs"], report["duplicate_thumbnails"]
     lines = ["", f"## Duplicates ({len(dups)} groups) and leakage ({len(report['leakage'])} images)", ""]
-    from .duplicates import ALIGN_MIN_SIDE, CROP_DISTANCE
+    from .duplicates import ALIGN_MIN_SIDE, CROP_DISTANCE, RESIZE_MAX_SIDE
 
     lines.append(
         "Exact: same SHA-256. Near: perceptual hashes within "
         f"{report['thresholds']['near_duplicate_distance']} bits ({CROP_DISTANCE} for images of "
-        f"{ALIGN_MIN_SIDE} px or more), confirmed by a pixel distance ≤ "
-        f"{report['thresholds']['near_duplicate_pixel_distance']:g} (validate.near_duplicate_pixel_distance) "
-        "or, for a crop, by an aligned comparison."
+        f"{ALIGN_MIN_SIDE} px or more, and for pairs of different sizes up to {RESIZE_MAX_SIDE} px), "
+        f"confirmed by a pixel distance ≤ {report['thresholds']['near_duplicate_pixel_distance']:g} "
+        "(validate.near_duplicate_pixel_distance) or, for a crop, by an aligned comparison, or, for a "
+        "resize, by a resampled one."
     )
     lines.append("")
     if dups:

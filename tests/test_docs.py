@@ -245,7 +245,7 @@ BENCHMARK_FIGURES = {
         "0.90 / 0.97 (0.94)",  # label audit
         "0.72 / 0.80 (0.74)",
         "20,000 112.1 s (53.7 s)",  # validate speed
-        "| digits (8 px) | 1,797 | 1.000 | 0.913 |",  # near duplicates
+        "| digits (8 px) | 1,797 | 1.000 | 0.967 |",  # near duplicates
         "| 100,000 | 0.45 | 3.00 | 15.8 |",  # hash search
         "0.8599 ± 0.0586",  # defaults
         "57.6 (43.4–58.2)",  # train throughput

@@ -206,3 +206,34 @@ def test_an_edited_picture_is_not_confirmed_as_a_crop_when_alignment_explains_no
 
     found = find_duplicates(frame, max_distance=6)
     assert found == [] and leakage(found, frame) == []
+
+
+def _scan(k: int) -> Image.Image:
+    """scikit-learn's digit scan k as builtin:digits writes it: 8×8, dark ink on white."""
+    from sklearn.datasets import load_digits
+
+    pixels = load_digits().images[k]
+    return Image.fromarray((255 - pixels * 255 / 16).round().astype(np.uint8)).convert("RGB")
+
+
+def test_a_small_image_resized_is_confirmed_by_resampling_and_a_distinct_one_is_not(tmp_path):
+    """An 8 px scan shrunk to 5 px thumbnails differently from its original (interpolation at both
+    sizes) and moves 8 hash bits; resampling one to the other's size reproduces it. Another scan of
+    the same digit, shrunk the same way, is a candidate too (12 bits) but is not reproduced."""
+    original = _scan(13)
+    copy = original.resize((5, 5), Image.Resampling.BICUBIC)
+    other = _scan(59).resize((5, 5), Image.Resampling.BICUBIC)
+    paths = [_save(x, tmp_path / f"{n}.png") for n, x in (("o", original), ("copy", copy), ("other", other))]
+    frame = _frame(paths, ["3"] * 3, ["train", "test", "test"])
+    hashes = [int(h, 16) for h in frame["phash"]]
+    assert 6 < bin(hashes[0] ^ hashes[1]).count("1") <= duplicates.CROP_DISTANCE
+    assert 6 < bin(hashes[0] ^ hashes[2]).count("1") <= duplicates.CROP_DISTANCE
+    plain = duplicates.pixel_distance(*(duplicates.thumbnail(x)[None] for x in (original, copy)))[0]
+    assert plain > duplicates.PIXEL_DISTANCE  # the thumbnails alone would miss the copy
+    assert duplicates.resampled_distance(original, other) > duplicates.RESAMPLED_DISTANCE
+
+    found = find_duplicates(frame, max_distance=6)
+    near = [g for g in found if g["kind"] == "near"]
+    assert [sorted(p.rsplit("/", 1)[1] for p in g["paths"]) for g in near] == [["copy.png", "o.png"]]
+    assert near[0]["pairs"][0]["pixel_distance"] <= duplicates.RESAMPLED_DISTANCE
+    assert [x["path"].rsplit("/", 1)[1] for x in leakage(found, frame)] == ["copy.png"]
