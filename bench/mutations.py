@@ -141,6 +141,13 @@ MUTATIONS = [
         ("tests/test_duplicates.py",),
     ),
     Mutation(
+        "duplicates: the resampled comparison ignores brightness and contrast",
+        "components/duplicates.py",
+        "            if _same_tone(seen, made):",
+        "            if True:",
+        ("tests/test_duplicates.py",),
+    ),
+    Mutation(
         "splits: the small-class floor dropped",
         "components/splits.py",
         "return max(int(fraction * n + 0.5), min(rule.min_eval_per_class, n // 6))",

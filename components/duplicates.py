@@ -106,15 +106,24 @@ def pixel_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def resampled_distance(a: Image.Image, b: Image.Image) -> float:
     """Least pixel distance between one image and the other resampled to its exact size with each of
-    RESIZE_FILTERS, either way round (grayscale, standardized as thumbnails are); 0 = a resize."""
+    RESIZE_FILTERS, either way round (grayscale, standardized as thumbnails are); 0 = a resize.
+    A resampling whose raw brightness or contrast is not the other's (TONE_MEAN, TONE_CONTRAST)
+    does not count: standardizing would hide it."""
     a, b = a.convert("L"), b.convert("L")
     best = np.inf
     for source, target in ((a, b), (b, a)):
-        seen = _standardize(np.asarray(target, dtype=np.float32).ravel() / 255.0)
+        seen = np.asarray(target, dtype=np.float32).ravel() / 255.0
         for method in RESIZE_FILTERS:
             made = np.asarray(source.resize(target.size, method), dtype=np.float32).ravel() / 255.0
-            best = min(best, float(np.abs(seen - _standardize(made)).mean()))
+            if _same_tone(seen, made):
+                best = min(best, float(np.abs(_standardize(seen) - _standardize(made)).mean()))
     return best
+
+
+def _same_tone(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two raw views (white = 1) agree in brightness and log contrast."""
+    contrast = np.log(max(a.std(), CONTRAST_FLOOR) / max(b.std(), CONTRAST_FLOOR))
+    return abs(a.mean() - b.mean()) <= TONE_MEAN and abs(contrast) <= TONE_CONTRAST
 
 
 def _each_image(view, paths: list[str], max_pixels: int) -> list:

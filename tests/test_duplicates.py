@@ -231,6 +231,8 @@ def test_a_small_image_resized_is_confirmed_by_resampling_and_a_distinct_one_is_
     plain = duplicates.pixel_distance(*(duplicates.thumbnail(x)[None] for x in (original, copy)))[0]
     assert plain > duplicates.PIXEL_DISTANCE  # the thumbnails alone would miss the copy
     assert duplicates.resampled_distance(original, other) > duplicates.RESAMPLED_DISTANCE
+    darker = Image.eval(copy, lambda v: v // 2)  # the same shapes, half as bright: not a resize
+    assert duplicates.resampled_distance(original, darker) > duplicates.RESAMPLED_DISTANCE
 
     found = find_duplicates(frame, max_distance=6)
     near = [g for g in found if g["kind"] == "near"]
