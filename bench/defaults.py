@@ -34,6 +34,9 @@ VARIANTS: dict[str, dict] = {
     "no early stop": {"train.patience": 10},  # every epoch, the schedule annealed to its end
     "no smoothing": {"train.label_smoothing": 0.0},
     "mixup": {"train.mixup": 0.2},
+    "layer decay": {"train.layer_decay": 0.8},
+    "batch 16": {"train.batch_size": 16},
+    "15 epochs": {"train.epochs": 15},
 }
 
 
