@@ -120,6 +120,13 @@ MUTATIONS = [
         ("tests/test_duplicates.py",),
     ),
     Mutation(
+        "duplicates: the pixel confirmation ignores brightness and contrast",
+        "components/duplicates.py",
+        "ok = (dist <= threshold) & tones_agree(tones[row[a]], tones[row[b]])",
+        "ok = (dist <= threshold) & True",
+        ("tests/test_duplicates.py",),
+    ),
+    Mutation(
         "duplicates: the crop check's gain test dropped",
         "components/duplicates.py",
         "& (aligned <= ALIGN_GAIN * plain)",
@@ -143,7 +150,7 @@ MUTATIONS = [
     Mutation(
         "duplicates: the resampled comparison ignores brightness and contrast",
         "components/duplicates.py",
-        "            if _same_tone(seen, made):",
+        "            if tones_agree(tone(seen), tone(made)):",
         "            if True:",
         ("tests/test_duplicates.py",),
     ),

@@ -3,8 +3,9 @@ confirmed by a pixel comparison).
 
 A perceptual-hash match is only a candidate: on small, low-detail images different pictures can
 share a hash. Each candidate pair is confirmed by its pixel distance (16×16 grayscale thumbnails,
-each standardized to zero mean and unit contrast, mean absolute difference); pairs that fail are
-reported as "similar" and never count as leakage. Pairs of images at least ALIGN_MIN_SIDE px are
+each standardized to zero mean and unit contrast, mean absolute difference) and by raw brightness
+and contrast that agree (standardizing alone makes a black and a white blank image equal); pairs
+that fail are reported as "similar" and never count as leakage. Pairs of images at least ALIGN_MIN_SIDE px are
 candidates within CROP_DISTANCE bits (re-encoding moves more hash bits there, while different
 pictures rarely look alike pixel for pixel), and since a crop moves content by up to a thumbnail
 pixel they get a second chance: the least distance between one image and 49 crops of the other
@@ -36,7 +37,7 @@ ALIGN_ZOOMS = (0.975, 0.95)  # crop sides tried per axis (fraction kept), each a
 ALIGNED_DISTANCE = 0.15  # confirmation cut for the best-aligned crop view (same units as PIXEL_DISTANCE)
 ALIGN_GAIN = 0.7  # a crop's aligned distance is at most this share of its plain distance
 ALIGN_MIN_SIDE = 20  # px: below this a 5 % crop moves less than a pixel, so alignment only adds risk
-TONE_MEAN, TONE_CONTRAST = 0.1, 0.35  # a crop keeps brightness (white = 1) and log contrast this close
+TONE_MEAN, TONE_CONTRAST = 0.1, 0.35  # an edit keeps brightness (white = 1) and log contrast this close
 MAX_ALIGNED = 10_000  # failed candidate pairs given the aligned (or the resampled) comparison, closest first
 RESIZE_MAX_SIDE = 4 * THUMB  # px: pairs of small images of different sizes get the resampled comparison
 RESIZE_FILTERS = (  # how common tools resize: a copy made with one of these is reproduced exactly
@@ -60,8 +61,25 @@ def perceptual_hash(img: Image.Image) -> str:
 
 def thumbnail(img: Image.Image) -> np.ndarray:
     """The confirmation view of an image: THUMB×THUMB grayscale, zero mean, unit contrast (float32)."""
+    return _standardize(_raw_thumbnail(img))
+
+
+def _raw_thumbnail(img: Image.Image) -> np.ndarray:
+    """THUMB×THUMB grayscale, white = 1 (float32), before standardizing."""
     gray = img.convert("L").resize((THUMB, THUMB), Image.Resampling.BILINEAR)
-    return _standardize(np.asarray(gray, dtype=np.float32).ravel() / 255.0)
+    return np.asarray(gray, dtype=np.float32).ravel() / 255.0
+
+
+def tone(raw: np.ndarray) -> np.ndarray:
+    """(brightness, contrast) of raw views (rows, white = 1): what standardizing removes."""
+    return np.stack([raw.mean(axis=-1), raw.std(axis=-1)], axis=-1)
+
+
+def tones_agree(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Whether tones (rows of tone()) are within TONE_MEAN in brightness and TONE_CONTRAST in log
+    contrast of one another, as an edit that keeps the picture leaves them."""
+    contrast = np.log(np.maximum(a[..., 1], CONTRAST_FLOOR) / np.maximum(b[..., 1], CONTRAST_FLOOR))
+    return (np.abs(a[..., 0] - b[..., 0]) <= TONE_MEAN) & (np.abs(contrast) <= TONE_CONTRAST)
 
 
 def _standardize(t: np.ndarray) -> np.ndarray:
@@ -89,7 +107,7 @@ def crop_views(img: Image.Image) -> tuple[np.ndarray, np.ndarray]:
         for x0, x1 in spans
     ]
     raw = np.stack(views).reshape(len(views), -1).astype(np.float32) / 255.0
-    return _standardize(raw).astype(np.float32), np.array([raw[0].mean(), raw[0].std()], dtype=np.float32)
+    return _standardize(raw).astype(np.float32), tone(raw[0])
 
 
 def aligned_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -115,15 +133,9 @@ def resampled_distance(a: Image.Image, b: Image.Image) -> float:
         seen = np.asarray(target, dtype=np.float32).ravel() / 255.0
         for method in RESIZE_FILTERS:
             made = np.asarray(source.resize(target.size, method), dtype=np.float32).ravel() / 255.0
-            if _same_tone(seen, made):
+            if tones_agree(tone(seen), tone(made)):
                 best = min(best, float(np.abs(_standardize(seen) - _standardize(made)).mean()))
     return best
-
-
-def _same_tone(a: np.ndarray, b: np.ndarray) -> bool:
-    """Whether two raw views (white = 1) agree in brightness and log contrast."""
-    contrast = np.log(max(a.std(), CONTRAST_FLOOR) / max(b.std(), CONTRAST_FLOOR))
-    return abs(a.mean() - b.mean()) <= TONE_MEAN and abs(contrast) <= TONE_CONTRAST
 
 
 def _each_image(view, paths: list[str], max_pixels: int) -> list:
@@ -132,10 +144,11 @@ def _each_image(view, paths: list[str], max_pixels: int) -> list:
         return list(pool.map(lambda p: view(images.load_image(p, max_pixels)), paths))
 
 
-def _thumbnails(paths: list[str], max_pixels: int) -> np.ndarray:
-    """Thumbnails of the given files, each decoded once, stacked (rows of THUMB² floats)."""
-    rows = _each_image(thumbnail, paths, max_pixels)
-    return np.stack(rows) if rows else np.empty((0, THUMB * THUMB), dtype=np.float32)
+def _thumbnails(paths: list[str], max_pixels: int) -> tuple[np.ndarray, np.ndarray]:
+    """(thumbnails of the given files (rows of THUMB² floats), their raw tones); each decoded once."""
+    rows = _each_image(_raw_thumbnail, paths, max_pixels)
+    raw = np.stack(rows) if rows else np.empty((0, THUMB * THUMB), dtype=np.float32)
+    return _standardize(raw), tone(raw)
 
 
 def _closest(kept: tuple[np.ndarray, np.ndarray], pairs: np.ndarray, dist: np.ndarray, limit: int):
@@ -173,7 +186,7 @@ def _confirm(
     involved = np.flatnonzero(involved_values[inverse])
     row = np.full(len(hashes), -1)
     row[involved] = np.arange(len(involved))
-    thumbs = _thumbnails([paths[i] for i in involved], max_pixels)
+    thumbs, tones = _thumbnails([paths[i] for i in involved], max_pixels)
     short, long = sizes.min(axis=1), sizes.max(axis=1)
     kept = [[np.empty((0, 2), dtype=np.int64)], [np.empty(0, dtype=np.float32)]]
     failed = crops = resizes = (np.empty((0, 2), dtype=np.int64), np.empty(0, dtype=np.float32))
@@ -182,7 +195,8 @@ def _confirm(
         dist = pixel_distance(thumbs[row[a]], thumbs[row[b]])
         bits = popcount(hashes[a] ^ hashes[b])
         big = (short[a] >= ALIGN_MIN_SIDE) & (short[b] >= ALIGN_MIN_SIDE)
-        ok = (dist <= threshold) & ((bits <= max_distance) | (big & (bits <= crop_distance)))
+        ok = (dist <= threshold) & tones_agree(tones[row[a]], tones[row[b]])
+        ok &= (bits <= max_distance) | (big & (bits <= crop_distance))
         kept[0].append(pairs[ok])
         kept[1].append(dist[ok])
         fail = ~ok & (bits <= max_distance)
@@ -219,20 +233,17 @@ def _confirm_crops(
     slot = slot.reshape(-1, 2)
     views = _each_image(crop_views, [paths[i] for i in images_.tolist()], max_pixels)
     stack = np.stack([v[0] for v in views])
-    tone = np.stack([v[1] for v in views])
+    tones = np.stack([v[1] for v in views])
     aligned = np.concatenate(
         [
             aligned_distance(stack[slot[k : k + 256, 0]], stack[slot[k : k + 256, 1]])
             for k in range(0, len(slot), 256)
         ]
     )
-    ta, tb = tone[slot[:, 0]], tone[slot[:, 1]]
-    contrast = np.abs(np.log(np.maximum(ta[:, 1], CONTRAST_FLOOR) / np.maximum(tb[:, 1], CONTRAST_FLOOR)))
     ok = (
         (aligned <= ALIGNED_DISTANCE)
         & (aligned <= ALIGN_GAIN * plain)
-        & (np.abs(ta[:, 0] - tb[:, 0]) <= TONE_MEAN)
-        & (contrast <= TONE_CONTRAST)
+        & tones_agree(tones[slot[:, 0]], tones[slot[:, 1]])
     )
     return pairs[ok], aligned[ok].astype(np.float32)
 
@@ -272,14 +283,15 @@ def find_duplicates(
     """Exact groups (same sha256), near groups (confirmed pHash candidates) and similar pairs.
 
     A candidate pair has hashes within max_distance bits (a negative distance turns near search
-    off); it is confirmed when its pixel distance is at most `threshold`. Images at least
-    ALIGN_MIN_SIDE px are candidates within crop_distance bits, and may also be confirmed as a
-    crop of the other by an aligned comparison (_confirm_crops); so are pairs of small images of
-    different sizes, by a resampled comparison (_confirm_resized). The pixel distance is then the
-    aligned or the resampled one. Near groups are the connected components of confirmed pairs that
-    join different files' contents, with every file of each content; candidates that fail
-    confirmation come back one pair per "similar" entry, closest first (at most MAX_SIMILAR),
-    unless a near group already holds both images.
+    off); it is confirmed when its pixel distance is at most `threshold` and the two images'
+    tones agree (tones_agree). Images at least ALIGN_MIN_SIDE px are candidates within
+    crop_distance bits, and may also be confirmed as a crop of the other by an aligned comparison
+    (_confirm_crops); so are pairs of small images of different sizes, by a resampled comparison
+    (_confirm_resized). The pixel distance is then the aligned or the resampled one. Near groups
+    are the connected components of confirmed pairs that join different files' contents, with
+    every file of each content; candidates that fail confirmation come back one pair per
+    "similar" entry, closest first (at most MAX_SIMILAR), unless a near group already holds both
+    images.
     """
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components

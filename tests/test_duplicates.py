@@ -148,13 +148,16 @@ def test_thousands_of_equal_hashes_do_not_blow_up(tmp_path, monkeypatch):
     buf = io.BytesIO()
     flat.save(buf, "PNG")
     path = _save(flat, tmp_path / "flat.png")
-    thumbs = {str(path): duplicates.thumbnail(flat)}
+    thumbs = {str(path): duplicates._raw_thumbnail(flat)}
     # each file decodes to the same flat picture or to noise; decoding is replaced, the search is not
-    noise = {f"n{k}.png": duplicates.thumbnail(Image.fromarray(rng.integers(0, 256, (8, 8, 3), np.uint8)))
-             for k in range(n // 2)}  # fmt: skip
-    monkeypatch.setattr(
-        duplicates, "_thumbnails", lambda ps, _: np.stack([noise.get(p, thumbs[str(path)]) for p in ps])
-    )
+    pictures = (Image.fromarray(rng.integers(0, 256, (8, 8, 3), np.uint8)) for _ in range(n // 2))
+    noise = {f"n{k}.png": duplicates._raw_thumbnail(img) for k, img in enumerate(pictures)}
+
+    def decoded(paths, _):
+        raw = np.stack([noise.get(p, thumbs[str(path)]) for p in paths])
+        return duplicates._standardize(raw), duplicates.tone(raw)
+
+    monkeypatch.setattr(duplicates, "_thumbnails", decoded)
     names = [f"f{k}.png" for k in range(n - len(noise))] + list(noise)
     frame = pd.DataFrame(
         {"path": names, "label": "x", "split": "train", "sha256": [f"{k:064x}" for k in range(n)],
@@ -239,3 +242,15 @@ def test_a_small_image_resized_is_confirmed_by_resampling_and_a_distinct_one_is_
     assert [sorted(p.rsplit("/", 1)[1] for p in g["paths"]) for g in near] == [["copy.png", "o.png"]]
     assert near[0]["pairs"][0]["pixel_distance"] <= duplicates.RESAMPLED_DISTANCE
     assert [x["path"].rsplit("/", 1)[1] for x in leakage(found, frame)] == ["copy.png"]
+
+
+def test_blank_images_of_different_brightness_are_not_duplicates(tmp_path):
+    """Standardized, a black, a grey and a white blank image are the same thumbnail and their
+    hashes are within a bit; their raw brightness tells them apart, so none is a duplicate."""
+    paths = [_save(Image.new("RGB", (32, 32), (v, v, v)), tmp_path / f"{v}.png") for v in (0, 128, 255)]
+    frame = _frame(paths, ["night", "fog", "snow"], ["train", "val", "test"])
+    found = find_duplicates(frame, max_distance=6)
+    assert {g["kind"] for g in found} == {"similar"} and leakage(found, frame) == []
+    brighter = _save(Image.new("RGB", (32, 32), (140, 140, 140)), tmp_path / "140.png")  # +5 %: an edit
+    found = find_duplicates(_frame([paths[1], brighter], ["fog", "fog"], ["train", "test"]), max_distance=6)
+    assert [g["kind"] for g in found] == ["near"]
