@@ -60,7 +60,7 @@ def _duplicates_markdown(report: dict, max_rows: int) -> list[str]:
         f"{ALIGN_MIN_SIDE} px or more, and for pairs of different sizes up to {RESIZE_MAX_SIDE} px), "
         f"confirmed by a pixel distance ≤ {report['thresholds']['near_duplicate_pixel_distance']:g} "
         "(validate.near_duplicate_pixel_distance) or, for a crop, by an aligned comparison, or, for a "
-        "resize, by a resampled one."
+        "resize, by a resampled one; raw brightness and contrast must agree too."
     )
     lines.append("")
     if dups:
