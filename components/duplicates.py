@@ -5,16 +5,18 @@ A perceptual-hash match is only a candidate: on small, low-detail images differe
 share a hash. Each candidate pair is confirmed by its pixel distance (16×16 grayscale thumbnails,
 each standardized to zero mean and unit contrast, mean absolute difference) and by raw brightness
 and contrast that agree (standardizing alone makes a black and a white blank image equal); pairs
-that fail are reported as "similar" and never count as leakage. Pairs of images at least ALIGN_MIN_SIDE px are
-candidates within CROP_DISTANCE bits (re-encoding moves more hash bits there, while different
-pictures rarely look alike pixel for pixel), and since a crop moves content by up to a thumbnail
-pixel they get a second chance: the least distance between one image and 49 crops of the other
-(either way) must be small, much smaller than the plain one, and the raw brightness and contrast
-must agree. A resized copy of a small image thumbnails differently from its original (the
-thumbnail interpolates at both sizes, or meets the copy's blocks), so pairs of small images (at most
-RESIZE_MAX_SIDE px) of different sizes are candidates within CROP_DISTANCE bits too, and are
-confirmed when resampling one to the other's exact size with a common filter reproduces it. The hash
-search (hash_search.py) is not all-pairs. Imported by the validate stage; runs nothing.
+that fail are reported as "similar" and never count as leakage.
+
+Two kinds of pair get a second look. Pairs of images at least ALIGN_MIN_SIDE px are candidates
+within CROP_DISTANCE bits (re-encoding moves more hash bits there, while different pictures rarely
+look alike pixel for pixel), and since a crop moves content by up to a thumbnail pixel, the least
+distance between one image and 49 crops of the other (either way) must be small, much smaller than
+the plain one. A resized copy of a small image thumbnails differently from its original (the
+thumbnail interpolates at both sizes, or meets the copy's blocks), so pairs of small images (at
+most RESIZE_MAX_SIDE px) of different sizes are candidates within CROP_DISTANCE bits too, and are
+confirmed when resampling one to the other's exact size with a common filter reproduces it.
+
+The hash search (hash_search.py) is not all-pairs. Imported by the validate stage; runs nothing.
 """
 
 from __future__ import annotations
