@@ -72,11 +72,6 @@ def manifest_rows(paths: list[Path], labels: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def raw_thumbnail(img: Image.Image) -> np.ndarray:
-    gray = img.convert("L").resize((duplicates.THUMB, duplicates.THUMB), Image.Resampling.BILINEAR)
-    return np.asarray(gray, dtype=np.float32).ravel() / 255.0
-
-
 def embeddings(imgs: list[Image.Image]) -> np.ndarray:
     """Unit-length pooled stage features of the pretrained Lite0 at 64 px (the label audit's)."""
     from visiontune.components import model as models
@@ -94,7 +89,7 @@ def measures(imgs: list[Image.Image], use_embedding: bool) -> dict[str, np.ndarr
     """Per-image views; each measure is a distance between two views (0 = same)."""
     views = {
         "pixel (standardized MAD, 16 px)": np.stack([duplicates.thumbnail(i) for i in imgs]),
-        "raw MAD (16 px, /255)": np.stack([raw_thumbnail(i) for i in imgs]),
+        "raw MAD (16 px, /255)": np.stack([duplicates.raw_thumbnail(i) for i in imgs]),
     }
     if use_embedding:
         views["embedding (1 - cosine)"] = embeddings(imgs)

@@ -63,10 +63,10 @@ def perceptual_hash(img: Image.Image) -> str:
 
 def thumbnail(img: Image.Image) -> np.ndarray:
     """The confirmation view of an image: THUMB×THUMB grayscale, zero mean, unit contrast (float32)."""
-    return _standardize(_raw_thumbnail(img))
+    return _standardize(raw_thumbnail(img))
 
 
-def _raw_thumbnail(img: Image.Image) -> np.ndarray:
+def raw_thumbnail(img: Image.Image) -> np.ndarray:
     """THUMB×THUMB grayscale, white = 1 (float32), before standardizing."""
     gray = img.convert("L").resize((THUMB, THUMB), Image.Resampling.BILINEAR)
     return np.asarray(gray, dtype=np.float32).ravel() / 255.0
@@ -148,7 +148,7 @@ def _each_image(view, paths: list[str], max_pixels: int) -> list:
 
 def _thumbnails(paths: list[str], max_pixels: int) -> tuple[np.ndarray, np.ndarray]:
     """(thumbnails of the given files (rows of THUMB² floats), their raw tones); each decoded once."""
-    rows = _each_image(_raw_thumbnail, paths, max_pixels)
+    rows = _each_image(raw_thumbnail, paths, max_pixels)
     raw = np.stack(rows) if rows else np.empty((0, THUMB * THUMB), dtype=np.float32)
     return _standardize(raw), tone(raw)
 

@@ -148,10 +148,10 @@ def test_thousands_of_equal_hashes_do_not_blow_up(tmp_path, monkeypatch):
     buf = io.BytesIO()
     flat.save(buf, "PNG")
     path = _save(flat, tmp_path / "flat.png")
-    thumbs = {str(path): duplicates._raw_thumbnail(flat)}
+    thumbs = {str(path): duplicates.raw_thumbnail(flat)}
     # each file decodes to the same flat picture or to noise; decoding is replaced, the search is not
     pictures = (Image.fromarray(rng.integers(0, 256, (8, 8, 3), np.uint8)) for _ in range(n // 2))
-    noise = {f"n{k}.png": duplicates._raw_thumbnail(img) for k, img in enumerate(pictures)}
+    noise = {f"n{k}.png": duplicates.raw_thumbnail(img) for k, img in enumerate(pictures)}
 
     def decoded(paths, _):
         raw = np.stack([noise.get(p, thumbs[str(path)]) for p in paths])
