@@ -150,7 +150,7 @@ MUTATIONS = [
     Mutation(
         "duplicates: the resampled comparison ignores brightness and contrast",
         "components/duplicates.py",
-        "            if tones_agree(tone(seen), tone(made)):",
+        "            if tones_agree(seen_tone, tone(made)):",
         "            if True:",
         ("tests/test_duplicates.py",),
     ),

@@ -133,10 +133,11 @@ def resampled_distance(a: Image.Image, b: Image.Image) -> float:
     best = np.inf
     for source, target in ((a, b), (b, a)):
         seen = np.asarray(target, dtype=np.float32).ravel() / 255.0
+        seen_tone, seen_view = tone(seen), _standardize(seen)
         for method in RESIZE_FILTERS:
             made = np.asarray(source.resize(target.size, method), dtype=np.float32).ravel() / 255.0
-            if tones_agree(tone(seen), tone(made)):
-                best = min(best, float(np.abs(_standardize(seen) - _standardize(made)).mean()))
+            if tones_agree(seen_tone, tone(made)):
+                best = min(best, float(np.abs(seen_view - _standardize(made)).mean()))
     return best
 
 
