@@ -19,6 +19,7 @@ from typing import Any
 
 from .errors import VisiontuneError
 from .images import sha256_file
+from .metrics import accuracy_text
 
 HF_DIR = "hf"  # under the export stage's folder
 ADAPTER_DIR = "adapter"
@@ -353,7 +354,10 @@ EVALUATION_ROWS = {  # metrics.json key → row name, in the table's order
 def _evaluation(metrics: dict[str, Any]) -> str:
     rows = {**EVALUATION_ROWS, **{k: k.removeprefix("test_").replace("_", " ") for k in metrics
                                   if re.fullmatch(r"test_top\d+_accuracy", k)}}  # fmt: skip
-    table = "\n".join(f"| {name} | {metrics[key]:.4f} |" for key, name in rows.items() if key in metrics)
+    shown = {key: f"{metrics[key]:.4f}" for key in rows if key in metrics}
+    if "test_accuracy" in shown:
+        shown["test_accuracy"] = accuracy_text(metrics)  # with its 95 % interval
+    table = "\n".join(f"| {rows[key]} | {value} |" for key, value in shown.items())
     if not table:
         return "## Evaluation\n\nNo evaluation results were available when this folder was written.\n"
     return (

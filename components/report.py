@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import manifest
+from . import manifest, metrics
 
 
 def _table(header: list[str], rows: list[list]) -> list[str]:
@@ -210,7 +210,8 @@ def evaluation_html(
         f"<p>Model <b>{escape(meta['architecture'])}</b>, "
         f"method <b>{escape(str(train_cfg.get('method')))}</b>, "
         f"{len(meta['class_names'])} classes, {meta['preprocessing']['size']} px, best epoch "
-        f"{meta.get('best_epoch')} of {len(history)}. Test accuracy <b>{test.get('accuracy', 0):.4f}</b>, "
+        f"{meta.get('best_epoch')} of {len(history)}. "
+        f"Test accuracy <b>{escape(metrics.accuracy_text(flat))}</b>, "
         f"macro F1 <b>{test.get('macro_f1', 0):.4f}</b>, ECE {test.get('ece', 0):.4f}.</p>",
     ]
     if validation is not None:

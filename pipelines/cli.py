@@ -346,9 +346,14 @@ def summary(root: RootOpt = Path("data/prepared")) -> None:
     lines = ["", "visiontune results"]
     metrics_path = layout.evaluate / "metrics.json"
     if metrics_path.exists():
+        from visiontune.components.metrics import accuracy_text
+
         metrics = json.loads(metrics_path.read_text())
-        keys = ("test_accuracy", "test_macro_f1", "test_top5_accuracy", "test_ece")
-        shown = ", ".join(f"{k.removeprefix('test_')} {metrics[k]:.4f}" for k in keys if k in metrics)
+        keys = ("test_macro_f1", "test_top5_accuracy", "test_ece")
+        shown = ", ".join(
+            [f"accuracy {accuracy_text(metrics)}"]
+            + [f"{k.removeprefix('test_')} {metrics[k]:.4f}" for k in keys if k in metrics]
+        )
         lines.append(f"  test metrics    {metrics_path}  ({shown}; {metrics.get('test_images')} images)")
     report = layout.evaluate / "details" / "report.html"
     if report.exists():

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from visiontune.components import manifest
+from visiontune.components import metrics as metrics_
 from visiontune.pipelines import stages
 
 
@@ -31,6 +32,10 @@ def test_metrics_predictions_and_plots(trained):
     assert set(per_class) == {"0", "1", "2"} and sum(c["support"] for c in per_class.values()) == n_test
     html = (layout.evaluate / "details" / "report.html").read_text()
     assert "Data validation" in html and "data:image/png;base64," in html and "Calibration" in html
+    right = sum(r["label"] == r["predicted"] for r in rows)
+    interval = metrics_.accuracy_interval(right, n_test)
+    assert (metrics["test_accuracy_low"], metrics["test_accuracy_high"]) == interval
+    assert f"Test accuracy <b>{metrics_.accuracy_text(metrics)}</b>" in html
     mistakes = [r for r in rows if r["label"] != r["predicted"]]
     section = html[html.index("Misclassified test images") :]
     positions = [section.index(m["path"]) for m in sorted(mistakes, key=lambda r: -float(r["confidence"]))]

@@ -130,7 +130,8 @@ def test_model_card_states_the_run(exported):
     prepared = json.loads((layout.prepare / "prepare.json").read_text())
     text = card.text
     assert prepared["manifest_sha256"] in text and "0: 0" in text and "Method: full" in text
-    assert f"| accuracy | {metrics['test_accuracy']:.4f} |" in text
+    low, high = metrics["test_accuracy_low"], metrics["test_accuracy_high"]
+    assert f"| accuracy | {metrics['test_accuracy']:.4f} (95 % interval {low:.4f}–{high:.4f}) |" in text
     for section in ("## Evaluation", "## Validation", "## Intended use and limitations", "## How to load it"):
         assert section in text
     for loader in ('timm.create_model("local-dir:', 'pipeline("image-classification"', "visiontune predict"):
@@ -213,6 +214,15 @@ def test_summary_points_at_the_hub_folder_only_when_it_has_weights(exported, wel
         shown[name] = [line for line in output.splitlines() if line.strip().startswith("Hub folder")]
     assert len(shown["exported"]) == 1 and str(exported[1].export / "hf") in shown["exported"][0]
     assert shown["probe"] == []  # a multi-level probe's folder holds only the card saying why
+
+
+def test_summary_gives_the_test_accuracy_with_its_interval(exported):
+    _, layout = exported
+    output = runner.invoke(app, ["summary", "--root", str(layout.root)]).output
+    metrics = json.loads((layout.evaluate / "metrics.json").read_text())
+    line = next(x for x in output.splitlines() if x.strip().startswith("test metrics"))
+    low, high = metrics["test_accuracy_low"], metrics["test_accuracy_high"]
+    assert f"(accuracy {metrics['test_accuracy']:.4f} (95 % interval {low:.4f}–{high:.4f}), macro_f1" in line
 
 
 def test_registered_model_carries_its_hub_folder(exported, tmp_path, monkeypatch):

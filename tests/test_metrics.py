@@ -86,6 +86,27 @@ def test_accuracy_and_top_k_by_hand():
     assert beyond["test_top3_accuracy"] == 1.0 and "test_top5_accuracy" not in beyond
 
 
+def test_accuracy_interval_is_the_wilson_interval_and_stays_inside_0_1():
+    low, high = metrics.accuracy_interval(266, 269)  # make run's 3 wrong digits of 269
+    assert (round(low, 4), round(high, 4)) == (0.9677, 0.9962)
+    # 18 of 18: not the empty interval [1, 1] the normal approximation gives; 1 − 0.1759 by hand
+    assert metrics.accuracy_interval(18, 18) == (pytest.approx(0.8241, abs=1e-4), 1.0)
+    assert metrics.accuracy_interval(0, 5) == (0.0, pytest.approx(0.4345, abs=1e-4))
+    assert metrics.accuracy_interval(0, 0) == (0.0, 1.0)  # no images: nothing is known
+    narrow, wide = metrics.accuracy_interval(900, 1000), metrics.accuracy_interval(9, 10)
+    assert wide[0] < narrow[0] < 0.9 < narrow[1] < wide[1]  # more images, a narrower interval
+
+
+def test_summary_gives_the_accuracy_with_its_interval():
+    probs = np.eye(3)[[0, 1, 2, 0]]
+    flat = metrics.summary(probs, np.array([0, 1, 2, 1]), "val", top_k=1)
+    assert (flat["val_accuracy_low"], flat["val_accuracy_high"]) == metrics.accuracy_interval(3, 4)
+    low, high = metrics.accuracy_interval(3, 4)
+    assert metrics.accuracy_text(flat, "val") == f"0.7500 (95 % interval {low:.4f}–{high:.4f})"
+    older = {"test_accuracy": 0.5}  # a metrics.json written before the interval was recorded
+    assert metrics.accuracy_text(older) == "0.5000" and metrics.accuracy_text({}) == "none"
+
+
 def test_tied_scores_are_ranked_as_argmax_ranks_them():
     """With tied scores the lowest class index ranks first, as argmax picks it, so top-1 accuracy is
     accuracy whatever the sort. (scikit-learn ranks ties the other way round, highest index first.)"""
