@@ -1,14 +1,15 @@
 """Benchmark: near-duplicate detection on real datasets, and the speed of the hash search.
 
-Run: `python bench/duplicates.py [--datasets digits,faces,textures,photos,blends] [--planted 300]
-[--sizes 10000,50000,100000] [--no-embedding] [--resize-filter bicubic]`
+Run: `python bench/duplicates.py [--datasets digits,faces,textures,photos,blends,mnist]
+[--planted 300] [--sizes 10000,50000,100000] [--no-embedding] [--resize-filter bicubic]`
 Prints figures; asserts nothing. For each dataset of bench/real_data.py, true near duplicates are
 planted (one edited copy per picked original, the edit cycling through JPEG re-encoding at quality
 60–95, resizing 50–200 % (bicubic, or --resize-filter), cropping up to 5 % of each side, brightness
 ±10 % and a format change to WebP/JPEG/BMP), and distinct pairs are every pair of different
 originals of one class (up to 100k).
 It prints the separation of each candidate confirming measure (planted vs distinct), precision and
-recall of find_duplicates at its defaults (plain and crop-aligned confirmation) on the planted pairs,
+recall of find_duplicates at its defaults (plain, crop-aligned, resampled and native confirmation)
+on the planted pairs,
 the confirmed near duplicates among the distinct originals alone, recall and false confirmations of
 the plain comparison alone over a grid of (distance, threshold), and the search time on random hashes.
 """
@@ -143,6 +144,16 @@ def one_dataset(name: str, work: Path, n_planted: int, use_embedding: bool, seed
         pos = distance(m, views[m][picks], copy_views[m])
         neg = distance(m, views[m][i], views[m][j])
         print(f"  {m:32s} {separation(pos, neg)}")
+    # the native check of small images, on the edits it judges (a resize has its own check)
+    native, copy_native = (
+        [duplicates.native_view(x) for x in imgs],
+        [duplicates.native_view(x) for x in copy_imgs],
+    )
+    pos = np.array([duplicates.noise_ratio(native[k], copy_native[n]) for n, k in enumerate(picks.tolist())])
+    neg = np.array(
+        [duplicates.noise_ratio(native[a], native[b]) for a, b in zip(i.tolist(), j.tolist(), strict=True)]
+    )
+    print(f"  {'noise ratio (native; no resizes)':32s} {separation(pos[np.array(kinds) != 'resize'], neg)}")
 
     # the detector at its defaults
     frame = pd.concat([originals, planted], ignore_index=True)
@@ -156,7 +167,8 @@ def one_dataset(name: str, work: Path, n_planted: int, use_embedding: bool, seed
     precision = correct / len(confirmed) if confirmed else 1.0
     print(
         f"  detector (distance {DEFAULT_DISTANCE}, pixel {duplicates.PIXEL_DISTANCE}; crops within "
-        f"{duplicates.CROP_DISTANCE} bits, aligned {duplicates.ALIGNED_DISTANCE}): precision "
+        f"{duplicates.CROP_DISTANCE} bits, aligned {duplicates.ALIGNED_DISTANCE}; small images within "
+        f"{duplicates.NOISE_RATIO} noise floors): precision "
         f"{precision:.3f} ({correct}/{len(confirmed)} confirmed pairs), recall {hits.mean():.3f}; by edit: "
         + ", ".join(f"{k} {hits[np.array(kinds) == k].mean():.2f}" for k in KINDS)
     )
@@ -170,12 +182,14 @@ def one_dataset(name: str, work: Path, n_planted: int, use_embedding: bool, seed
 
     # recall and false confirmations over (distance, threshold): all pairs of distinct originals
     hashes = np.array([int(h, 16) for h in originals["phash"]], dtype=np.uint64)
-    pairs = hash_search.hash_pairs(np.unique(hashes), max(GRID_D))  # hashes here are distinct values
-    assert len(np.unique(hashes)) == len(hashes), "equal hashes among originals: grid needs member pairs"
-    index = {int(h): k for k, h in enumerate(np.unique(hashes))}
-    back = np.array([index[int(h)] for h in hashes])
-    order = np.argsort(back)
-    a, b = order[pairs[:, 0]], order[pairs[:, 1]]
+    values, inverse = np.unique(hashes, return_inverse=True)
+    pairs = np.concatenate(
+        [
+            np.empty((0, 2), dtype=np.int64),
+            *hash_search.member_pairs(inverse, hash_search.hash_pairs(values, max(GRID_D))),
+        ]
+    )
+    a, b = pairs[:, 0], pairs[:, 1]
     view = views["pixel (standardized MAD, 16 px)"]
     neg_hash = hash_search.popcount(hashes[a] ^ hashes[b])
     neg_pixel = distance("pixel", view[a], view[b])
@@ -229,7 +243,7 @@ def timing(sizes: list[int], seed: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--datasets", default="digits,faces,textures,photos,blends")
+    parser.add_argument("--datasets", default=",".join(DATASETS))
     parser.add_argument("--planted", type=int, default=300)
     parser.add_argument("--sizes", default="10000,50000,100000")
     parser.add_argument("--seed", type=int, default=0)

@@ -29,7 +29,14 @@ from visiontune.components.prepare import prepare
 from visiontune.components.validate import validate
 
 SIZE = 64  # px, as the shipped params.yaml trains digits
-AUDIT_SIZE = {"digits": 64, "faces": 64, "textures": 64, "blends": 64, "photos": 96}  # the data-chosen sizes
+AUDIT_SIZE = {
+    "digits": 64,
+    "faces": 64,
+    "textures": 64,
+    "blends": 64,
+    "photos": 96,
+    "mnist": 64,
+}  # as auto picks
 
 
 def digits_folder(root: Path, n: int, seed: int = 0) -> list[tuple[str, int]]:

