@@ -140,14 +140,20 @@ def pixel_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def native_view(img: Image.Image) -> tuple[np.ndarray, float]:
-    """(grayscale pixels at the image's own size, white = 1; its noise floor): the residual of its
-    JPEG re-encoding at NOISE_QUALITY (native_residual), at least GRAY_LEVEL."""
+    """(8-bit grayscale pixels at the image's own size; its noise floor, white = 1): the residual of
+    its JPEG re-encoding at NOISE_QUALITY (native_residual), at least GRAY_LEVEL."""
     gray = img.convert("L")
     buf = io.BytesIO()
     gray.save(buf, "JPEG", quality=NOISE_QUALITY)
-    pixels = np.asarray(gray, dtype=np.float32) / 255.0
-    again = np.asarray(Image.open(buf).convert("L"), dtype=np.float32) / 255.0
-    return pixels, max(float(native_residual(pixels.reshape(1, -1), again.reshape(1, -1))[0]), GRAY_LEVEL)
+    pixels = np.asarray(gray, dtype=np.uint8)
+    again = np.asarray(Image.open(buf).convert("L"), dtype=np.uint8)
+    floor = native_residual(_unit(pixels).reshape(1, -1), _unit(again).reshape(1, -1))[0]
+    return pixels, max(float(floor), GRAY_LEVEL)
+
+
+def _unit(pixels: np.ndarray) -> np.ndarray:
+    """8-bit pixels as float32, white = 1."""
+    return pixels.astype(np.float32) / 255.0
 
 
 def native_residual(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -169,7 +175,7 @@ def noise_ratio(a: tuple[np.ndarray, float], b: tuple[np.ndarray, float]) -> flo
     (small, small_floor), (large, large_floor) = sorted((a, b), key=lambda v: v[0].size)
     (h, w), (H, W) = small.shape, large.shape
     floor = max(small_floor, large_floor)
-    target = small.reshape(1, -1)
+    target, large = _unit(small).reshape(1, -1), _unit(large)
     if (h, w) == (H, W):
         return float(native_residual(target, large.reshape(1, -1))[0]) / floor
     if not (h <= H and w <= W and H - h <= CROP_FRACTION * H and W - w <= CROP_FRACTION * W):
@@ -316,7 +322,7 @@ def _noise_ratios(
         for k in range(0, len(chosen), NATIVE_BLOCK):
             block = chosen[k : k + NATIVE_BLOCK]
             a, b = slot[block, 0], slot[block, 1]
-            residual = native_residual(pixels[row[a]], pixels[row[b]])
+            residual = native_residual(_unit(pixels[row[a]]), _unit(pixels[row[b]]))
             out[block] = residual / np.maximum(floors[a], floors[b])
     for k in np.flatnonzero(~same).tolist():
         out[k] = noise_ratio(views[slot[k, 0]], views[slot[k, 1]])
@@ -330,9 +336,7 @@ def _confirm_small(
     which one is a resize of the other (resampled_distance within RESAMPLED_DISTANCE, which is then
     the pixel distance) or a crop of it (noise_ratio within NOISE_RATIO)."""
     ratio = _noise_ratios(pairs, paths, max_pixels, natives)
-    gray = {
-        i: Image.fromarray(np.round(natives[i][0] * 255).astype(np.uint8)) for i in np.unique(pairs).tolist()
-    }
+    gray = {i: Image.fromarray(natives[i][0]) for i in np.unique(pairs).tolist()}
     resampled = np.array([resampled_distance(gray[x], gray[y]) for x, y in pairs.tolist()], dtype=np.float32)
     resize = resampled <= RESAMPLED_DISTANCE
     ok = resize | (ratio <= NOISE_RATIO)
