@@ -174,17 +174,21 @@ def noise_ratio(a: tuple[np.ndarray, float], b: tuple[np.ndarray, float]) -> flo
     """
     (small, small_floor), (large, large_floor) = sorted((a, b), key=lambda v: v[0].size)
     (h, w), (H, W) = small.shape, large.shape
-    floor = max(small_floor, large_floor)
-    target, large = _unit(small).reshape(1, -1), _unit(large)
+    target = small.reshape(1, -1)
     if (h, w) == (H, W):
-        return float(native_residual(target, large.reshape(1, -1))[0]) / floor
+        return float(_floors_apart(target, large.reshape(1, -1), small_floor, large_floor)[0])
     if not (h <= H and w <= W and H - h <= CROP_FRACTION * H and W - w <= CROP_FRACTION * W):
         return float("inf")
     views = np.lib.stride_tricks.sliding_window_view(large, (h, w)).reshape(-1, h * w)
-    agree = tones_agree(tone(views), tone(target))
+    agree = tones_agree(tone(_unit(views)), tone(_unit(target)))
     if not agree.any():
         return float("inf")
-    return float(native_residual(target, views[agree]).min()) / floor
+    return float(_floors_apart(target, views[agree], small_floor, large_floor).min())
+
+
+def _floors_apart(a: np.ndarray, b: np.ndarray, floor_a, floor_b) -> np.ndarray:
+    """native_residual of rows of 8-bit pixels b after a, in noise floors (the larger of the two)."""
+    return native_residual(_unit(a), _unit(b)) / np.maximum(floor_a, floor_b)
 
 
 def resampled_distance(a: Image.Image, b: Image.Image) -> float:
@@ -322,8 +326,7 @@ def _noise_ratios(
         for k in range(0, len(chosen), NATIVE_BLOCK):
             block = chosen[k : k + NATIVE_BLOCK]
             a, b = slot[block, 0], slot[block, 1]
-            residual = native_residual(_unit(pixels[row[a]]), _unit(pixels[row[b]]))
-            out[block] = residual / np.maximum(floors[a], floors[b])
+            out[block] = _floors_apart(pixels[row[a]], pixels[row[b]], floors[a], floors[b])
     for k in np.flatnonzero(~same).tolist():
         out[k] = noise_ratio(views[slot[k, 0]], views[slot[k, 1]])
     return out
