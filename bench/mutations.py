@@ -164,7 +164,7 @@ MUTATIONS = [
     Mutation(
         "duplicates: the native crop search ignores brightness and contrast",
         "components/duplicates.py",
-        "    agree = tones_agree(tone(views), tone(target))",
+        "    agree = tones_agree(tone(_unit(views)), tone(_unit(target)))",
         "    agree = np.ones(len(views), dtype=bool)",
         ("tests/test_duplicates.py",),
     ),
