@@ -278,8 +278,9 @@ def _confirm(
         ok &= (bits <= max_distance) | (big & (bits <= crop_distance))
         ok &= ~small | same  # small images of two sizes: a resize or a crop, decided on a second look
         ratio = np.full(len(pairs), np.nan, dtype=np.float32)
-        if (ok & small).any():
-            ratio[ok & small] = _noise_ratios(pairs[ok & small], paths, max_pixels, natives)
+        native = ok & small
+        if native.any():
+            ratio[native] = _noise_ratios(pairs[native], paths, max_pixels, natives)
             ok &= ~small | (ratio <= NOISE_RATIO)
         for into, part in zip(kept, (pairs[ok], dist[ok], ratio[ok]), strict=True):
             into.append(part)
@@ -307,11 +308,11 @@ def _noise_ratios(
 ) -> np.ndarray:
     """noise_ratio of each pair of small images; native views are decoded once into `natives`.
     Pairs of one size are compared in blocks of NATIVE_BLOCK, the others one by one."""
-    missing = [i for i in np.unique(pairs).tolist() if i not in natives]
-    decoded = _each_image(native_view, [paths[i] for i in missing], max_pixels)
-    natives.update(zip(missing, decoded, strict=True))
     ids, slot = np.unique(pairs, return_inverse=True)
     slot = slot.reshape(-1, 2)
+    missing = [i for i in ids.tolist() if i not in natives]
+    decoded = _each_image(native_view, [paths[i] for i in missing], max_pixels)
+    natives.update(zip(missing, decoded, strict=True))
     views = [natives[i] for i in ids.tolist()]
     shapes = np.array([v[0].shape for v in views]).reshape(-1, 2)
     floors = np.array([v[1] for v in views], dtype=np.float32)
@@ -338,7 +339,7 @@ def _confirm_small(
     """The pairs of small images of different sizes (their pixel distances, their noise ratios) in
     which one is a resize of the other (resampled_distance within RESAMPLED_DISTANCE, which is then
     the pixel distance) or a crop of it (noise_ratio within NOISE_RATIO)."""
-    ratio = _noise_ratios(pairs, paths, max_pixels, natives)
+    ratio = _noise_ratios(pairs, paths, max_pixels, natives)  # decodes every image of `pairs`
     gray = {i: Image.fromarray(natives[i][0]) for i in np.unique(pairs).tolist()}
     resampled = np.array([resampled_distance(gray[x], gray[y]) for x, y in pairs.tolist()], dtype=np.float32)
     resize = resampled <= RESAMPLED_DISTANCE
