@@ -1,6 +1,6 @@
 """Benchmark: near-duplicate detection on real datasets, and the speed of the hash search.
 
-Run: `python bench/duplicates.py [--datasets digits,faces,textures,photos,blends,mnist]
+Run: `python bench/duplicates.py [--datasets digits,faces,textures,photos,blends,mnist,fashion]
 [--planted 300] [--sizes 10000,50000,100000] [--no-embedding] [--resize-filter bicubic]`
 Prints figures; asserts nothing. For each dataset of bench/real_data.py, true near duplicates are
 planted (one edited copy per picked original, the edit cycling through JPEG re-encoding at quality
@@ -262,7 +262,7 @@ def main() -> None:
             f"  {name:9s} precision {r['precision']:.3f} recall {r['recall']:.3f} "
             f"false confirmed {r['false']}"
         )
-    timing([int(s) for s in args.sizes.split(",")], args.seed)
+    timing([int(s) for s in args.sizes.split(",") if s], args.seed)
 
 
 if __name__ == "__main__":

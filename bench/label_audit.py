@@ -36,6 +36,7 @@ AUDIT_SIZE = {
     "blends": 64,
     "photos": 96,
     "mnist": 64,
+    "fashion": 64,
 }  # as auto picks
 
 

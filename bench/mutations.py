@@ -157,15 +157,29 @@ MUTATIONS = [
     Mutation(
         "duplicates: the native crop search accepts anything",
         "components/duplicates.py",
-        "ok = resize | (ratio <= NOISE_RATIO)",
-        "ok = resize | (ratio <= NOISE_RATIO + 100)",
+        "    ok = resize | ((ratio <= NOISE_RATIO) & (dist <= threshold))",
+        "    ok = resize | ((ratio <= NOISE_RATIO + 100) & (dist <= threshold + 100))",
+        ("tests/test_duplicates.py",),
+    ),
+    Mutation(
+        "duplicates: a small crop confirmed by its noise ratio alone",
+        "components/duplicates.py",
+        "    ok = resize | ((ratio <= NOISE_RATIO) & (dist <= threshold))",
+        "    ok = resize | (ratio <= NOISE_RATIO)",
+        ("tests/test_duplicates.py",),
+    ),
+    Mutation(
+        "duplicates: small crops beyond the hash search not looked for",
+        "components/duplicates.py",
+        "    far = _crop_candidates(hashes, paths, sizes, crop_distance, max_pixels)",
+        "    far = (np.empty((0, 2), dtype=np.int64), np.empty(0, dtype=np.float32))",
         ("tests/test_duplicates.py",),
     ),
     Mutation(
         "duplicates: the native crop search ignores brightness and contrast",
         "components/duplicates.py",
-        "    agree = tones_agree(tone(_unit(views)), tone(_unit(target)))",
-        "    agree = np.ones(len(views), dtype=bool)",
+        "    agree = np.flatnonzero(tones_agree(tone(_unit(views)), tone(_unit(target))))",
+        "    agree = np.arange(len(views))",
         ("tests/test_duplicates.py",),
     ),
     Mutation(

@@ -2,7 +2,8 @@
 
 Imported by the benchmarks (`from real_data import DATASETS`); runs nothing. Each builder takes
 a destination folder and returns it. The datasets differ on purpose: small scans (digits), thin
-handwritten strokes on black (mnist), small low-detail grayscale photos (faces), large-scale
+handwritten strokes on black (mnist), small low-detail grayscale photos (faces; fashion, whose
+shirts, T-shirts, pullovers and coats overlap), large-scale
 texture (textures), colour photo crops (photos), and classes that share most of their visual
 content (blends).
 """
@@ -56,6 +57,30 @@ def mnist(root: Path) -> Path:
     )
     for i, row in enumerate(table):
         _save(root, str(int(row[-1])), f"{i:04d}", row[:-1].astype(np.uint8).reshape(28, 28))
+    return root
+
+
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # Debian: apt install dataset-fashion-mnist
+FASHION_CLASSES = (  # in the order of the file's label numbers
+    "tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot",
+)  # fmt: skip
+
+
+def fashion(root: Path, per_class: int = 300) -> Path:
+    """Fashion-MNIST product photos, 28×28 grayscale: the first `per_class` of each of 10 classes
+    of its 10,000-image test set. Read from Debian's dataset-fashion-mnist package; nothing is
+    downloaded."""
+    import gzip
+
+    if not FASHION_MNIST.is_dir():
+        raise SystemExit(f"fashion is read from {FASHION_MNIST}: apt install dataset-fashion-mnist")
+    with gzip.open(FASHION_MNIST / "t10k-images-idx3-ubyte.gz") as f:
+        pixels = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
+    with gzip.open(FASHION_MNIST / "t10k-labels-idx1-ubyte.gz") as f:
+        labels = np.frombuffer(f.read(), np.uint8, offset=8)
+    for label, name in enumerate(FASHION_CLASSES):
+        for i in np.flatnonzero(labels == label)[:per_class]:
+            _save(root, name, f"{i:05d}", pixels[i])
     return root
 
 
@@ -117,4 +142,5 @@ DATASETS: dict[str, Callable[[Path], Path]] = {
     "photos": photos,
     "blends": blends,
     "mnist": mnist,
+    "fashion": fashion,
 }

@@ -15,7 +15,10 @@ smaller than the plain one. A resized copy of a small image thumbnails different
 original (the thumbnail interpolates at both sizes, or meets the copy's blocks), so pairs of small
 images (at most RESIZE_MAX_SIDE px) of different sizes are candidates within CROP_DISTANCE bits
 too, and are confirmed when resampling one to the other's exact size with a common filter
-reproduces it, or when one is a crop of the other pixel for pixel.
+reproduces it, or when one is a crop of the other pixel for pixel (closest_window) that also
+passes the thumbnail check. A crop of a small picture that fills its frame can move its hash
+beyond any searched distance, so small images of sizes that could be crops of one another are
+also paired by their nearest thumbnails (_crop_candidates) for that crop check.
 
 A 16 px thumbnail of a small image blurs away what tells two drawings of one simple shape apart
 (two handwritten 1s at one slant), so every confirmed pair of small images is also compared at
@@ -63,6 +66,8 @@ NOISE_RATIO = 1.4  # small images confirmed: their native residual is at most th
 GRAY_LEVEL = 1 / 255  # the least noise floor (white = 1): a flat image re-encodes exactly
 GAIN_RANGE = (0.5, 2.0)  # contrast changes the native residual allows (a negative is not an edit)
 CROP_FRACTION = 0.1  # the most of each axis a crop of a small image removes (native crop search)
+CROP_NEIGHBOURS = 20  # small images of a crop's size: nearest thumbnails paired beyond the hash search
+MAX_CROP_SEARCH = 50_000_000  # thumbnail comparisons spent on those pairs at most
 RESAMPLED_DISTANCE = 0.04  # confirmation cut for a reproduced resize (same units as PIXEL_DISTANCE)
 NATIVE_BLOCK = 4096  # same-size pairs whose native views are compared at once
 PAIRS_PER_GROUP = 50  # confirmed pairs listed per near group, weakest first
@@ -172,18 +177,28 @@ def noise_ratio(a: tuple[np.ndarray, float], b: tuple[np.ndarray, float]) -> flo
     the larger that keeps at least 1 - CROP_FRACTION of each axis and agrees with it in raw
     brightness and contrast (tones_agree); inf when no crop does.
     """
+    return closest_window(a, b)[0]
+
+
+def closest_window(
+    a: tuple[np.ndarray, float], b: tuple[np.ndarray, float]
+) -> tuple[float, np.ndarray, np.ndarray | None]:
+    """(noise_ratio of two native views, the smaller one's pixels, the window of the larger that
+    ratio was measured on: the larger itself when both are of one size; None when no window is)."""
     (small, small_floor), (large, large_floor) = sorted((a, b), key=lambda v: v[0].size)
     (h, w), (H, W) = small.shape, large.shape
     target = small.reshape(1, -1)
     if (h, w) == (H, W):
-        return float(_floors_apart(target, large.reshape(1, -1), small_floor, large_floor)[0])
+        return float(_floors_apart(target, large.reshape(1, -1), small_floor, large_floor)[0]), small, large
     if not (h <= H and w <= W and H - h <= CROP_FRACTION * H and W - w <= CROP_FRACTION * W):
-        return float("inf")
+        return float("inf"), small, None
     views = np.lib.stride_tricks.sliding_window_view(large, (h, w)).reshape(-1, h * w)
-    agree = tones_agree(tone(_unit(views)), tone(_unit(target)))
-    if not agree.any():
-        return float("inf")
-    return float(_floors_apart(target, views[agree], small_floor, large_floor).min())
+    agree = np.flatnonzero(tones_agree(tone(_unit(views)), tone(_unit(target))))
+    if not len(agree):
+        return float("inf"), small, None
+    ratios = _floors_apart(target, views[agree], small_floor, large_floor)
+    best = int(ratios.argmin())
+    return float(ratios[best]), small, views[agree[best]].reshape(h, w)
 
 
 def _floors_apart(a: np.ndarray, b: np.ndarray, floor_a, floor_b) -> np.ndarray:
@@ -291,7 +306,10 @@ def _confirm(
         try_small = ~ok & (bits <= crop_distance) & small & ~same
         resized = _closest(resized, (pairs[try_small], dist[try_small]), MAX_ALIGNED)
     crop_pairs, crop_dist = _confirm_crops(*crops, paths, max_pixels)
-    small_pairs, small_dist, small_ratio = _confirm_small(*resized, paths, max_pixels, natives)
+    hashed = _confirm_small(resized[0], paths, max_pixels, natives, threshold, resizes=True)
+    far = _crop_candidates(hashes, paths, sizes, crop_distance, max_pixels)
+    unhashed = _confirm_small(far[0], paths, max_pixels, natives, threshold, resizes=False)
+    small_pairs, small_dist, small_ratio = (np.concatenate(x) for x in zip(hashed, unhashed, strict=True))
     confirmed = np.concatenate([*kept[0], crop_pairs, small_pairs])
     dist = np.concatenate([*kept[1], crop_dist, small_dist])
     ratio = np.concatenate([*kept[2], np.full(len(crop_pairs), np.nan, np.float32), small_ratio])
@@ -301,6 +319,54 @@ def _confirm(
         again = np.isin(failed[0][:, 0] * n + failed[0][:, 1], rescued[:, 0] * n + rescued[:, 1])
         failed = tuple(f[~again] for f in failed)
     return confirmed, dist, ratio, *failed
+
+
+def _crop_candidates(
+    hashes: np.ndarray, paths: list[str], sizes: np.ndarray, crop_distance: int, max_pixels: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs of small images (at most RESIZE_MAX_SIDE px) that the hash search leaves out although
+    one could be a crop of the other (smaller by at most CROP_FRACTION of each axis): a 1 px crop
+    of a 28 px picture can move 20 hash bits. Each image of a size is paired with its
+    CROP_NEIGHBOURS nearest thumbnails among the images of each size it fits in, groups with the
+    fewest comparisons first, at most MAX_CROP_SEARCH comparisons in all; pairs within
+    crop_distance bits are dropped (the hash search has them). (pairs, their pixel distances),
+    the closest MAX_ALIGNED."""
+    none = (np.empty((0, 2), dtype=np.int64), np.empty(0, dtype=np.float32))
+    small = np.flatnonzero(sizes.max(axis=1) <= RESIZE_MAX_SIDE)
+    shapes, group = np.unique(sizes[small], axis=0, return_inverse=True)
+    counts = np.bincount(group.ravel(), minlength=len(shapes))
+    work = sorted(
+        (int(counts[s] * counts[big]), s, big)
+        for s, big in np.argwhere(
+            (shapes[:, None] <= shapes[None]).all(-1)
+            & (shapes[None] - shapes[:, None] <= CROP_FRACTION * shapes[None]).all(-1)
+            & (shapes[:, None] != shapes[None]).any(-1)
+        ).tolist()
+    )
+    spent = np.cumsum([w[0] for w in work])
+    work = [w for w, total in zip(work, spent, strict=True) if total <= MAX_CROP_SEARCH]
+    if not work:
+        return none
+    used = np.unique([g for _, s, big in work for g in (s, big)])
+    members = small[np.isin(group.ravel(), used)]
+    row = np.full(len(sizes), -1)
+    row[members] = np.arange(len(members))
+    thumbs = _thumbnails([paths[i] for i in members.tolist()], max_pixels)[0]
+    found, squared = [], []
+    for _, s, big in work:
+        queries, refs = small[group.ravel() == s], small[group.ravel() == big]
+        q, r = thumbs[row[queries]], thumbs[row[refs]]
+        keep, block = min(CROP_NEIGHBOURS, len(refs)), max(1, 4_000_000 // len(refs))
+        for k in range(0, len(q), block):
+            qk = q[k : k + block]
+            d = (qk * qk).sum(axis=1)[:, None] + (r * r).sum(axis=1)[None] - 2.0 * qk @ r.T  # squared
+            near = np.argpartition(d, keep - 1, axis=1)[:, :keep]
+            found.append(np.stack([np.repeat(queries[k : k + block], keep), refs[near.ravel()]], axis=1))
+            squared.append(np.take_along_axis(d, near, axis=1).ravel())
+    pairs, squared = np.sort(np.concatenate(found), axis=1), np.concatenate(squared)
+    apart = popcount(hashes[pairs[:, 0]] ^ hashes[pairs[:, 1]]) > crop_distance
+    pairs = _closest(none, (pairs[apart], squared[apart].astype(np.float32)), MAX_ALIGNED)[0]
+    return pairs, pixel_distance(thumbs[row[pairs[:, 0]]], thumbs[row[pairs[:, 1]]]).astype(np.float32)
 
 
 def _noise_ratios(
@@ -334,17 +400,27 @@ def _noise_ratios(
 
 
 def _confirm_small(
-    pairs: np.ndarray, dist: np.ndarray, paths: list[str], max_pixels: int, natives: dict
+    pairs: np.ndarray, paths: list[str], max_pixels: int, natives: dict, threshold: float, resizes: bool
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The pairs of small images of different sizes (their pixel distances, their noise ratios) in
     which one is a resize of the other (resampled_distance within RESAMPLED_DISTANCE, which is then
-    the pixel distance) or a crop of it (noise_ratio within NOISE_RATIO)."""
+    the pixel distance; only when `resizes`) or a crop of it: noise_ratio within NOISE_RATIO, and
+    the smaller image and that window of the larger within `threshold` as thumbnails, the pixel
+    distance then (noise alone does not tell two grainy near-flat patches apart, nor do
+    thumbnails two handwritten 1s)."""
     ratio = _noise_ratios(pairs, paths, max_pixels, natives)  # decodes every image of `pairs`
-    gray = {i: Image.fromarray(natives[i][0]) for i in np.unique(pairs).tolist()}
-    resampled = np.array([resampled_distance(gray[x], gray[y]) for x, y in pairs.tolist()], dtype=np.float32)
-    resize = resampled <= RESAMPLED_DISTANCE
-    ok = resize | (ratio <= NOISE_RATIO)
-    return pairs[ok], np.where(resize, resampled, dist)[ok], ratio[ok]
+    resize, dist = np.zeros(len(pairs), dtype=bool), np.full(len(pairs), np.inf, dtype=np.float32)
+    if resizes:
+        gray = {i: Image.fromarray(natives[i][0]) for i in np.unique(pairs).tolist()}
+        resampled = np.array([resampled_distance(gray[x], gray[y]) for x, y in pairs.tolist()], np.float32)
+        resize = resampled <= RESAMPLED_DISTANCE
+        dist[resize] = resampled[resize]
+    for k in np.flatnonzero(~resize & (ratio <= NOISE_RATIO)).tolist():
+        _, small, window = closest_window(natives[pairs[k, 0]], natives[pairs[k, 1]])
+        views = _standardize(np.stack([raw_thumbnail(Image.fromarray(x)) for x in (small, window)]))
+        dist[k] = pixel_distance(views[0], views[1])
+    ok = resize | ((ratio <= NOISE_RATIO) & (dist <= threshold))
+    return pairs[ok], dist[ok], ratio[ok]
 
 
 def _confirm_crops(

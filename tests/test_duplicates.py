@@ -316,3 +316,32 @@ def test_edited_copies_of_handwritten_digits_are_confirmed(tmp_path):
     view = duplicates.native_view(originals[5])
     negative = duplicates.native_view(Image.eval(originals[5], lambda v: 255 - v))
     assert duplicates.noise_ratio(view, negative) > duplicates.NOISE_RATIO
+
+
+def test_small_crops_beyond_the_hash_search_are_found_by_their_thumbnails(tmp_path):
+    """scikit-image's 200 real 25 px faces and non-faces; a 1 px crop of a face can move its pHash
+    more than the crop distance, so the hash search never pairs it with its original. Each such
+    crop (in the test split) still joins its original and counts as leakage, through the nearest
+    thumbnails among the images of a size it fits in. No two distinct pictures are confirmed: a
+    crop of a grainy non-face patch matches another such patch within the noise ratio, but not as
+    a thumbnail."""
+    from skimage import data
+
+    pixels = np.round(data.lfw_subset() * 255).astype(np.uint8)
+    originals = [Image.fromarray(px) for px in pixels]
+    paths = [_save(img, tmp_path / f"{k:03d}.png") for k, img in enumerate(originals)]
+    far = []
+    for k in [k for pair in zip(range(100), range(100, 200), strict=True) for k in pair]:  # faces, non-faces
+        for box in ((1, 1, 25, 25), (0, 0, 24, 24), (1, 0, 25, 25)):
+            crop = originals[k].crop(box)
+            hashes = [int(duplicates.perceptual_hash(img), 16) for img in (originals[k], crop)]
+            if bin(hashes[0] ^ hashes[1]).count("1") > duplicates.CROP_DISTANCE and k not in dict(far):
+                far.append((k, _save(crop, tmp_path / f"crop{k:03d}.png")))
+    assert len(far) >= 20  # beyond what the hash search pairs
+    labels = ["face" if k < 100 else "not" for k in [*range(200), *(k for k, _ in far)]]
+    frame = _frame(paths + [p for _, p in far], labels, ["train"] * 200 + ["test"] * len(far))
+
+    found = find_duplicates(frame, max_distance=6)
+    near = {tuple(sorted(Path(p).name for p in g["paths"])) for g in found if g["kind"] == "near"}
+    assert near == {(f"{k:03d}.png", f"crop{k:03d}.png") for k, _ in far}
+    assert sorted(x["path"] for x in leakage(found, frame)) == sorted(str(p) for _, p in far)
