@@ -204,6 +204,13 @@ MUTATIONS = [
         ("tests/test_splits.py",),
     ),
     Mutation(
+        "audit: no ambiguity share in the noise model",
+        "components/audit.py",
+        "    if k < 2:\n        return None",
+        "    if True:\n        return None",
+        ("tests/test_audit.py",),
+    ),
+    Mutation(
         "audit: no refit without the flagged images",
         "components/audit.py",
         "for fits in range(1, AUDIT_ROUNDS + 1):",

@@ -3,12 +3,15 @@ them, and the images whose given label is most likely wrong.
 
 Each image is embedded once by the frozen ImageNet Lite0 (pooled mid-level stages); a logistic
 regression is cross-validated over K folds, on two partitions into folds whose probabilities are
-averaged, for out-of-sample probabilities. Two numbers are then fitted to the given labels by
-maximum likelihood: a temperature that calibrates the probabilities and the share of labels
-flipped to another class at random. Class overlap is explained by the
-temperature (ambiguous images get spread-out probabilities) and only labels that the features
-place firmly in another class are explained by flips, so a clean set with overlapping classes
-gets a noise estimate near zero. Each image's probability of carrying a wrong label follows, the
+averaged, for out-of-sample probabilities. Three numbers are then fitted to the given labels by
+maximum likelihood: a temperature that calibrates the probabilities, the share of labels
+flipped to another class at random, and (with 4 classes or more) a share of ambiguous images
+whose label may be any of the few classes the classifier ranks highest. Class overlap is
+explained by the temperature (ambiguous images get spread-out probabilities) and by that
+ambiguity share (a shirt taken for a T-shirt, a coat or a pullover: the label lies among the top
+classes, where a flip to a class at random rarely does), and only labels that the features place
+firmly in another class are explained by flips, so a clean set with overlapping classes gets a
+noise estimate near zero. Each image's probability of carrying a wrong label follows, the
 estimated number of wrong labels is flagged, most likely first, with any image wrong with at least
 the flag probability. Flipped labels in the training folds teach the classifier their flips, so
 it is fitted again with the flagged images left out of training (each still scored out of
@@ -33,6 +36,10 @@ from .config import ValidateConfig
 
 AUDIT_ROUNDS = 3  # classifier fits at most: the first on every label, then without the flagged images
 MAX_TEMPERATURE = float(np.exp(4.0))  # the noise fit's softest temperature
+# an ambiguous image's label lies among the classifier's top classes: this many, at most half of them
+# (fewer than 4 classes: no ambiguity share, the top half being one class); a Beta(1, 1 + prior) on
+# its share keeps small sets from trading flips for it (photos, 110 images: recall 1.00 -> 0.67 without)
+AMBIGUITY_CLASSES, AMBIGUITY_PRIOR = 4, 50.0
 # partitions into folds whose probabilities are averaged: two rank flips better than one (5 % flips: blends'
 # recall 0.79 -> 0.83, faces' precision 0.91 -> 0.97) at twice the classifier's time
 CV_REPEATS = 2
@@ -47,6 +54,7 @@ class Findings:
     error_probability: np.ndarray  # per image: probability that its given label is wrong
     noise_rate: float  # estimated share of labels flipped to another class
     temperature: float  # divides the classifier's log-probabilities
+    ambiguity: float  # estimated share of labels that may be any of the classifier's top classes
     flagged: np.ndarray  # indices of flagged images
     expected_precision: float | None  # mean error probability of the flagged images
     expected_recall: float | None  # their share of the expected number of wrong labels
@@ -117,32 +125,54 @@ def _cross_validated(
 
 def fit_noise(
     log_probs: np.ndarray, labels: np.ndarray, max_rate: float = 0.5, max_temperature: float = MAX_TEMPERATURE
-) -> tuple[float, float]:
-    """(temperature, flip rate) that maximize the likelihood of the given labels when each label is
-    kept with probability 1 - rate and otherwise replaced by one of the other classes at random;
-    the temperature at most max_temperature."""
+) -> tuple[float, float, float]:
+    """(temperature, flip rate, ambiguity share) that maximize the likelihood of the given labels
+    when each label is kept with probability 1 - rate and otherwise replaced by one of the other
+    classes at random, a kept label being drawn from the calibrated probabilities or, for the
+    ambiguity share of images, from their top classes alike (_top_class_mass); the temperature at
+    most max_temperature."""
     from scipy.optimize import minimize
 
-    def nll(theta: np.ndarray) -> float:
-        likelihood = _given_label_likelihood(log_probs, labels, np.exp(theta[0]), theta[1])[0]
-        # a Beta(1, 2) prior on the rate: where the features say nothing, any rate fits; take none
-        return -np.log(likelihood).sum() - np.log1p(-theta[1])
+    mass = _top_class_mass(log_probs, labels)
 
-    # the likelihood can have a second, flatter optimum; start from a low and a high rate
-    top = float(np.log(max_temperature))
-    starts = ([min(0.0, top), 0.02], [min(0.0, top), 0.2])
-    bounds = [(-4.0, top), (0.0, max_rate)]  # log temperature; rate
+    def nll(theta: np.ndarray) -> float:
+        likelihood = _given_label_likelihood(log_probs, labels, np.exp(theta[0]), theta[1], theta[2], mass)[0]
+        # a Beta(1, 2) prior on the rate: where the features say nothing, any rate fits; take none
+        return -np.log(likelihood).sum() - np.log1p(-theta[1]) - AMBIGUITY_PRIOR * np.log1p(-theta[2])
+
+    # the likelihood can have other, flatter optima; start from a low and a high rate and ambiguity
+    top, ambiguous = float(np.log(max_temperature)), 0.2 if mass is not None else 0.0
+    starts = ([min(0.0, top), 0.02, 0.0], [min(0.0, top), 0.2, 0.0], [min(0.0, top), 0.02, ambiguous])
+    bounds = [(-4.0, top), (0.0, max_rate), (0.0, 0.9 if mass is not None else 0.0)]  # log T; rate; share
     best = min((minimize(nll, x0=x0, method="L-BFGS-B", bounds=bounds) for x0 in starts), key=lambda r: r.fun)
-    return float(np.exp(best.x[0])), float(best.x[1])
+    return float(np.exp(best.x[0])), float(best.x[1]), float(best.x[2])
+
+
+def _top_class_mass(log_probs: np.ndarray, labels: np.ndarray) -> np.ndarray | None:
+    """Per image, the probability an ambiguous image is given its label: 1/k when the label is among
+    the classifier's k = min(AMBIGUITY_CLASSES, classes // 2) top classes, else 0; None when k < 2."""
+    k = min(AMBIGUITY_CLASSES, log_probs.shape[1] // 2)
+    if k < 2:
+        return None
+    above = (log_probs > log_probs[np.arange(len(labels)), labels][:, None]).sum(axis=1)
+    return np.where(above < k, 1.0 / k, 0.0)
 
 
 def _given_label_likelihood(
-    log_probs: np.ndarray, labels: np.ndarray, temperature: float, rate: float
+    log_probs: np.ndarray,
+    labels: np.ndarray,
+    temperature: float,
+    rate: float,
+    ambiguity: float = 0.0,
+    mass: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(probability of each given label under the noise model, its part from a flip)."""
+    """(probability of each given label under the noise model, its part from a flip); `mass` is
+    _top_class_mass, taken with weight `ambiguity`."""
     from scipy.special import log_softmax
 
     clean = np.exp(log_softmax(log_probs / temperature, axis=1)[np.arange(len(labels)), labels])
+    if mass is not None:
+        clean = (1 - ambiguity) * clean + ambiguity * mass
     flipped = rate / (log_probs.shape[1] - 1) * (1 - clean)  # true class elsewhere, flipped to this one
     return np.maximum((1 - rate) * clean + flipped, 1e-300), flipped
 
@@ -166,9 +196,10 @@ def find_issues(
         # trained without the flips it found, the classifier is sharper on them; a softer temperature
         # than the first fit's would move the fit to another explanation (faces, 20 % flips:
         # precision 0.95 -> 0.67; textures: rate 0)
-        temperature, rate = fit_noise(log_probs, labels, max_temperature=first_temperature or MAX_TEMPERATURE)
+        fitted = fit_noise(log_probs, labels, max_temperature=first_temperature or MAX_TEMPERATURE)
+        temperature, rate, ambiguity = fitted
         first_temperature = first_temperature or temperature
-        error, flagged = _flag(log_probs, labels, temperature, rate, flag_probability)
+        error, flagged = _flag(log_probs, labels, fitted, flag_probability)
         if np.array_equal(np.sort(flagged), np.sort(left_out)):
             break  # the next fit would be this one again
         left_out = flagged
@@ -177,6 +208,7 @@ def find_issues(
         error_probability=error,
         noise_rate=rate,
         temperature=temperature,
+        ambiguity=ambiguity,
         flagged=flagged,
         expected_precision=float(error[flagged].mean()) if len(flagged) else None,
         expected_recall=float(error[flagged].sum() / error.sum()) if len(flagged) else None,
@@ -186,10 +218,13 @@ def find_issues(
 
 
 def _flag(
-    log_probs: np.ndarray, labels: np.ndarray, temperature: float, rate: float, flag_probability: float
+    log_probs: np.ndarray, labels: np.ndarray, fitted: tuple[float, float, float], flag_probability: float
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(each image's probability that its label is wrong, the flagged images, most likely first)."""
-    likelihood, flipped = _given_label_likelihood(log_probs, labels, temperature, rate)
+    """(each image's probability that its label is wrong, the flagged images, most likely first);
+    `fitted` is fit_noise's (temperature, rate, ambiguity)."""
+    temperature, rate, ambiguity = fitted
+    mass = _top_class_mass(log_probs, labels)
+    likelihood, flipped = _given_label_likelihood(log_probs, labels, temperature, rate, ambiguity, mass)
     error = flipped / likelihood
     ranked = np.argsort(-error, kind="stable")
     # the fitted rate runs low on small sets (faces, 10 flips in 200: 0.04) while the ranking stays
@@ -280,6 +315,7 @@ def label_audit(
         estimated_noise_rate=found.noise_rate,
         estimated_label_errors=float(found.error_probability.sum()),
         temperature=found.temperature,
+        estimated_ambiguity=found.ambiguity,
         fits=found.fits,
         flag_probability=flag_probability,
         flagged=len(issues),

@@ -124,6 +124,12 @@ def _audit_markdown(audit: dict, issues: list[dict], max_rows: int) -> list[str]
         if audit.get("fits", 1) > 1
         else ""
     )
+    ambiguity = (
+        f" and by a share of ambiguous images whose label may be any of the classes ranked highest "
+        f"({audit['estimated_ambiguity']:.1%})"
+        if audit.get("estimated_ambiguity")
+        else ""
+    )
     lines.append(
         f"{audit['flagged']} of {audit['images']} images ({audit['flagged_fraction']:.1%}) flagged. "
         f"Out-of-sample probabilities from a {audit['folds']}-fold cross-validated classifier on "
@@ -132,7 +138,7 @@ def _audit_markdown(audit: dict, issues: list[dict], max_rows: int) -> list[str]
         f"estimates that {audit['estimated_noise_rate']:.1%} of the labels "
         f"(about {audit['estimated_label_errors']:.0f} images) were flipped to another class; classes "
         "that overlap are told apart from wrong labels by a calibration temperature "
-        f"({audit['temperature']:.2f})."
+        f"({audit['temperature']:.2f}){ambiguity}."
     )
     if audit["flagged"]:
         lines += [

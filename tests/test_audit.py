@@ -81,9 +81,36 @@ def test_noise_fit_discounts_overlap_and_recovers_the_flip_rate(rate):
     labels = np.array([rng.choice(4, p=p) for p in probs])  # drawn from them: calibrated, none wrong
     for i in rng.choice(2000, int(rate * 2000), replace=False):
         labels[i] = (labels[i] + 1 + rng.integers(3)) % 4  # then flipped to another class at random
-    temperature, fitted = fit_noise(np.log(probs), labels)
+    temperature, fitted, _ = fit_noise(np.log(probs), labels)
     assert fitted == pytest.approx(rate, abs=0.03)
     assert temperature == pytest.approx(1.0, abs=0.15)
+
+
+def test_labels_among_the_top_classes_are_ambiguity_not_flips(monkeypatch):
+    """4,000 images of 10 classes, mostly confident; a fifth of them ambiguous, their label any of the
+    four classes ranked highest (a shirt, a T-shirt, a pullover, a coat), and 5 % flipped to a class
+    at random. The ambiguity share takes the ambiguous labels, so the flip rate, the flagged set and
+    the precision the report states hold; without it, ambiguous labels pass for flips."""
+    rng = np.random.default_rng(0)
+    probs = np.maximum(rng.dirichlet(np.full(10, 0.05), 4000), 1e-12)
+    labels = np.array([rng.choice(10, p=p / p.sum()) for p in probs])
+    ambiguous = rng.random(4000) < 0.2
+    top = np.argsort(-probs, axis=1)[:, :4]
+    labels[ambiguous] = top[ambiguous, rng.integers(0, 4, ambiguous.sum())]
+    flipped = rng.choice(4000, 200, replace=False)
+    labels[flipped] = (labels[flipped] + rng.integers(1, 10, 200)) % 10
+
+    def audit_of() -> tuple[tuple[float, float, float], float, float]:
+        fitted = fit_noise(np.log(probs), labels)
+        error, flagged = audit._flag(np.log(probs), labels, fitted, audit.FLAG_PROBABILITY)
+        return fitted, np.isin(flagged, flipped).mean(), error[flagged].mean()
+
+    (_, rate, ambiguity), precision, stated = audit_of()
+    assert rate == pytest.approx(0.05, abs=0.015) and ambiguity == pytest.approx(0.2, abs=0.05)
+    assert precision >= 0.6 and abs(stated - precision) <= 0.1, (precision, stated)
+    monkeypatch.setattr(audit, "AMBIGUITY_CLASSES", 1)  # no ambiguity share
+    (_, rate, ambiguity), precision, stated = audit_of()
+    assert ambiguity == 0.0 and rate > 0.08 and precision < 0.5 and stated - precision > 0.2
 
 
 def test_find_issues_flags_nothing_without_signal():
@@ -141,3 +168,18 @@ def test_a_refit_keeps_the_first_fits_temperature_as_its_softest(tmp_path, monke
     monkeypatch.setattr(audit, "fit_noise", lambda log_probs, labels, **_: free(log_probs, labels))
     loose = find_issues(features, labels, folds=5, seed=0)
     assert np.isin(loose.flagged, flipped).sum() / len(loose.flagged) < 0.75
+
+
+def test_the_report_names_the_ambiguity_share_only_when_one_was_fitted():
+    from visiontune.components.report import _audit_markdown
+
+    section = {
+        "status": "ran", "flagged": 0, "images": 3000, "flagged_fraction": 0.0, "folds": 5, "image_size": 64,
+        "fits": 1, "cv_accuracy_vs_given_labels": 0.88, "estimated_noise_rate": 0.0,
+        "estimated_label_errors": 0.0, "temperature": 0.9, "estimated_ambiguity": 0.027, "confused_pairs": [],
+    }  # fmt: skip
+    text = "\n".join(_audit_markdown(section, [], 10))
+    assert "a share of ambiguous images whose label may be any of the classes ranked highest (2.7%)" in text
+    assert "ambiguous images whose label" not in "\n".join(
+        _audit_markdown({**section, "estimated_ambiguity": 0.0}, [], 10)
+    )

@@ -213,7 +213,7 @@ README_TOPICS = {
     "Quickstart": ("getting-started.md", "0.9925 on average over `base.seed` 0, 1, 2"),
     "Bring your own data": ("data.md", "8×8 digit scans train at 64 px, 96 px crops at 96"),
     "What prepare does with your images": ("data.md", "a sixth of the class, so a class of 30 splits"),
-    "The validation gate": ("validation.md", "Two numbers are then fitted to the given labels by maximum"),
+    "The validation gate": ("validation.md", "Three numbers are then fitted to the given labels by maximum"),
     "Audit a dataset before training": ("validation.md", "visiontune audit path/to/folder_or.csv"),
     "Parameters": ("reference/parameters.md", "`train.epochz: unknown key`"),
     "Models and weights": ("training.md", "classify a real photo of a cat as a cat"),
