@@ -264,8 +264,9 @@ def _confirm(
     way (a resize or a crop thumbnails differently from its original). Of the pairs within
     crop_distance bits left, the closest MAX_ALIGNED pairs of larger images get the aligned
     comparison (_confirm_crops), and the closest MAX_ALIGNED pairs of small images of two sizes
-    the resampled and crop comparisons (_confirm_small). Unconfirmed pairs are those within
-    max_distance bits.
+    the resampled and crop comparisons (_confirm_small); so do, crop comparison only, the pairs
+    of small images beyond crop_distance bits that _crop_candidates finds by their thumbnails.
+    Unconfirmed pairs are those within max_distance bits.
     """
     values, inverse = np.unique(hashes, return_inverse=True)
     value_pairs = hash_pairs(values, max(max_distance, crop_distance))
@@ -486,7 +487,9 @@ def find_duplicates(
     (_confirm_crops), the pixel distance then being the aligned one. Pairs of small images are
     confirmed only within NOISE_RATIO noise floors at their own resolution (noise_ratio, recorded
     with each pair); those of different sizes may also be confirmed as a crop (by the noise ratio
-    alone) or a resize (by a resampled comparison, the pixel distance then). Near groups
+    and the thumbnails of the matching window, even beyond crop_distance bits: _crop_candidates)
+    or a resize (by a resampled comparison), the pixel distance then being the window's or the
+    resampled one. Near groups
     are the connected components of confirmed pairs that join different files' contents, with
     every file of each content; candidates that fail confirmation come back one pair per
     "similar" entry, closest first (at most MAX_SIMILAR), unless a near group already holds both
