@@ -8,7 +8,8 @@ first dataset, 1 epoch, four rows (both nulls, σ = 100/255, a class removed), 2
 and embeddings are kept there and reused (a rerun of the windows alone takes seconds). Datasets,
 by default all three: digits and blends (bench/real_data.py; both upscaled to 64 px, so their
 inputs carry no pixel noise of their own) and photos (random 64 px crops of five scikit-image
-colour photos at native resolution, defined here). About 11–12 min in all on 2 cores.
+colour photos at native resolution, defined here). About 11–12 min in all on 2 cores. Also
+`fashion` (bench/real_data.py's Fashion-MNIST, when its Debian package is installed), on request.
 
 For each dataset the project's own stages prepare it (split 30/20/50 % train/val/test, so that the
 test split holds ≥ 500 distinct images for the largest windows) and train it (`train.method` full
@@ -87,6 +88,7 @@ BUILDERS = {
     "digits": DATASETS["digits"],
     "blends": partial(DATASETS["blends"], per_class=600),
     "photos": photo_crops,
+    "fashion": DATASETS["fashion"],  # only when asked: --datasets fashion
 }
 SPLIT = {"val_fraction": 0.2, "test_fraction": 0.5}
 
