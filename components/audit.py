@@ -163,8 +163,8 @@ def _given_label_likelihood(
     labels: np.ndarray,
     temperature: float,
     rate: float,
-    ambiguity: float = 0.0,
-    mass: np.ndarray | None = None,
+    ambiguity: float,
+    mass: np.ndarray | None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(probability of each given label under the noise model, its part from a flip); `mass` is
     _top_class_mass, taken with weight `ambiguity`."""
