@@ -171,7 +171,7 @@ MUTATIONS = [
     Mutation(
         "duplicates: small crops beyond the hash search not looked for",
         "components/duplicates.py",
-        "    far = _crop_candidates(hashes, paths, sizes, crop_distance, max_pixels)",
+        "    far = _crop_candidates(hashes, paths, sizes, crop_distance, max_pixels, thumbs, row)",
         "    far = (np.empty((0, 2), dtype=np.int64), np.empty(0, dtype=np.float32))",
         ("tests/test_duplicates.py",),
     ),

@@ -308,7 +308,7 @@ def _confirm(
         resized = _closest(resized, (pairs[try_small], dist[try_small]), MAX_ALIGNED)
     crop_pairs, crop_dist = _confirm_crops(*crops, paths, max_pixels)
     hashed = _confirm_small(resized[0], paths, max_pixels, natives, threshold, resizes=True)
-    far = _crop_candidates(hashes, paths, sizes, crop_distance, max_pixels)
+    far = _crop_candidates(hashes, paths, sizes, crop_distance, max_pixels, thumbs, row)
     unhashed = _confirm_small(far[0], paths, max_pixels, natives, threshold, resizes=False)
     small_pairs, small_dist, small_ratio = (np.concatenate(x) for x in zip(hashed, unhashed, strict=True))
     confirmed = np.concatenate([*kept[0], crop_pairs, small_pairs])
@@ -323,7 +323,13 @@ def _confirm(
 
 
 def _crop_candidates(
-    hashes: np.ndarray, paths: list[str], sizes: np.ndarray, crop_distance: int, max_pixels: int
+    hashes: np.ndarray,
+    paths: list[str],
+    sizes: np.ndarray,
+    crop_distance: int,
+    max_pixels: int,
+    thumbs: np.ndarray,
+    row: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Pairs of small images (at most RESIZE_MAX_SIDE px) that the hash search leaves out although
     one could be a crop of the other (smaller by at most CROP_FRACTION of each axis): a 1 px crop
@@ -331,11 +337,13 @@ def _crop_candidates(
     CROP_NEIGHBOURS nearest thumbnails among the images of each size it fits in, groups with the
     fewest comparisons first, at most MAX_CROP_SEARCH comparisons in all; pairs within
     crop_distance bits are dropped (the hash search has them). (pairs, their pixel distances),
-    the closest MAX_ALIGNED."""
+    the closest MAX_ALIGNED. `thumbs` holds the thumbnails decoded so far, item i's at row[i]
+    (-1: not decoded); only the others are decoded here."""
     none = (np.empty((0, 2), dtype=np.int64), np.empty(0, dtype=np.float32))
     small = np.flatnonzero(sizes.max(axis=1) <= RESIZE_MAX_SIDE)
     shapes, group = np.unique(sizes[small], axis=0, return_inverse=True)
-    counts = np.bincount(group.ravel(), minlength=len(shapes))
+    group = group.ravel()
+    counts = np.bincount(group, minlength=len(shapes))
     work = sorted(
         (int(counts[s] * counts[big]), s, big)
         for s, big in np.argwhere(
@@ -349,13 +357,14 @@ def _crop_candidates(
     if not work:
         return none
     used = np.unique([g for _, s, big in work for g in (s, big)])
-    members = small[np.isin(group.ravel(), used)]
-    row = np.full(len(sizes), -1)
-    row[members] = np.arange(len(members))
-    thumbs = _thumbnails([paths[i] for i in members.tolist()], max_pixels)[0]
+    members = small[np.isin(group, used)]
+    missing = members[row[members] < 0]
+    row = row.copy()
+    row[missing] = len(thumbs) + np.arange(len(missing))
+    thumbs = np.concatenate([thumbs, _thumbnails([paths[i] for i in missing.tolist()], max_pixels)[0]])
     found, squared = [], []
     for _, s, big in work:
-        queries, refs = small[group.ravel() == s], small[group.ravel() == big]
+        queries, refs = small[group == s], small[group == big]
         q, r = thumbs[row[queries]], thumbs[row[refs]]
         keep, block = min(CROP_NEIGHBOURS, len(refs)), max(1, 4_000_000 // len(refs))
         for k in range(0, len(q), block):
