@@ -96,19 +96,28 @@ def reliability_diagram(bins: list[dict], ece: float, out: Path) -> Path:
     return _save(fig, out / "reliability.png")
 
 
+SUPTITLE_CHARS_PER_INCH = 12  # characters of a 10 pt suptitle that fit in an inch of figure width
+SUPTITLE_LINE = 0.17  # inch: the height of one suptitle line
+
+
 def image_grid(paths: list[str], titles: list[str], suptitle: str, path: Path) -> Path:
-    """Images in a grid of up to six columns, each with its title."""
+    """Images in a grid of up to six columns, each with its title; the suptitle is wrapped to the
+    figure's width (a grid of one or two images is narrower than most suptitles)."""
+    import textwrap
+
     plt = _pyplot()
     cols = min(6, len(paths))
     rows = -(-len(paths) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.5 * rows), squeeze=False)
+    lines = textwrap.wrap(suptitle, width=int(SUPTITLE_CHARS_PER_INCH * 2.2 * cols)) or [""]
+    height = 2.5 * rows + SUPTITLE_LINE * (len(lines) - 1)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, height), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, image, title in zip(axes.flat, paths, titles, strict=False):
         ax.imshow(images.resize(images.load_image(image), 128))
         ax.set_title(title, fontsize=8)
-    fig.suptitle(suptitle, fontsize=10)
-    return _save(fig, path, top=1 - 0.35 / fig.get_figheight())  # 0.35 inch for the suptitle
+    fig.suptitle("\n".join(lines), fontsize=10)
+    return _save(fig, path, top=1 - (0.18 + SUPTITLE_LINE * len(lines)) / height)  # room for the suptitle
 
 
 def mistakes_gallery(mistakes: list[dict], out: Path, limit: int = 24) -> Path | None:

@@ -97,3 +97,22 @@ def test_a_class_without_test_images_is_listed_not_scored_zero(trained, tmp_path
     html = (tmp_path / "evaluate" / "details" / "report.html").read_text()
     table = html[html.index("Per class (test") : html.index("<h2>Calibration")]
     assert "<td>2</td>" not in table  # no row of invented zeros
+
+
+@pytest.mark.parametrize("count", [1, 2, 8])
+def test_a_grid_of_few_images_keeps_its_whole_title_inside_the_figure(tmp_path, count):
+    """A suptitle wider than a one- or two-image grid is wrapped, not cut at the figure's edges:
+    the title's ink keeps off the outermost pixel columns."""
+    from PIL import Image
+
+    from visiontune.components import plots
+
+    image = tmp_path / "x.png"
+    Image.fromarray(np.full((28, 28), 40, np.uint8)).save(image)
+    title = "Label audit: top suspects (probability that the given label is wrong)"
+    out = plots.image_grid([str(image)] * count, ["t"] * count, title, tmp_path / "grid.png")
+    pixels = np.asarray(Image.open(out).convert("L"))
+    band = pixels[: int(0.08 * pixels.shape[0]) + 20]  # the suptitle's lines lie above the panels
+    ink = np.flatnonzero((band < 128).any(axis=0))
+    assert len(ink), "no title drawn"
+    assert ink.min() >= 3 and ink.max() <= pixels.shape[1] - 4, (ink.min(), ink.max(), pixels.shape)
