@@ -37,6 +37,7 @@ AUDIT_SIZE = {
     "photos": 96,
     "mnist": 64,
     "fashion": 64,
+    "animals": 64,
 }  # as auto picks
 
 

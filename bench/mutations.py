@@ -231,6 +231,22 @@ MUTATIONS = [
         "0",
         ("tests/test_audit.py",),
     ),
+    Mutation(
+        "calibration: the temperature multiplies the logits instead of dividing them",
+        "components/train.py",
+        "models.scale_logits(model, 1.0 / temperature)",
+        "models.scale_logits(model, temperature)",
+        (
+            "tests/test_train.py::test_the_checkpoint_is_the_trained_model_with_its_logits_divided_by_the_fitted_temperature",
+        ),
+    ),
+    Mutation(
+        "calibration: no cap on sharpening",
+        "components/metrics.py",
+        "if best < 0 and excess(best) > 0:",
+        "if False:",
+        ("tests/test_metrics.py::test_temperature_sharpens_only_up_to_the_rule_of_succession_accuracy",),
+    ),
 ]
 
 

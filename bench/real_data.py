@@ -3,7 +3,7 @@
 Imported by the benchmarks (`from real_data import DATASETS`); runs nothing. Each builder takes
 a destination folder and returns it. The datasets differ on purpose: small scans (digits), thin
 handwritten strokes on black (mnist), small low-detail grayscale photos (faces; fashion, whose
-shirts, T-shirts, pullovers and coats overlap), large-scale
+shirts, T-shirts, pullovers and coats overlap), silhouettes (animals), large-scale
 texture (textures), colour photo crops (photos), and classes that share most of their visual
 content (blends).
 """
@@ -99,6 +99,47 @@ def textures(root: Path, patch: int = 64) -> Path:
     return root
 
 
+ANIMAL_CLASSES = ("bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra")
+
+
+def animals(root: Path, per_class: int = 300) -> Path:
+    """Animal silhouettes, 28×28 grayscale, the first `per_class` of each of 10 classes in file
+    order: white shapes on black, with outlines that overlap (dog, horse, cow, sheep).
+
+    The 10,000 images embedded in the animal-mnist package (PyPI: `pip install --no-deps
+    animal-mnist`; its own dependencies are not needed). Its files are pickled numpy arrays, read
+    by an unpickler that admits numpy's array reconstruction and nothing else.
+    """
+    import gzip
+    import pickle
+    from importlib.util import find_spec
+
+    class ArraysOnly(pickle.Unpickler):
+        def find_class(self, module: str, name: str):
+            if (module, name) in {
+                ("numpy.core.multiarray", "_reconstruct"),
+                ("numpy", "ndarray"),
+                ("numpy", "dtype"),
+            }:
+                return super().find_class(module, name)
+            raise pickle.UnpicklingError(f"animal-mnist: {module}.{name} is not a numpy array part")
+
+    spec = find_spec("animal_mnist")
+    if spec is None or spec.origin is None:
+        raise SystemExit(
+            "the animals dataset is read from the animal-mnist package: pip install --no-deps animal-mnist"
+        )
+    folder = Path(spec.origin).parent / "data" / "Animal_MNIST"
+    with gzip.open(folder / "animal_data_version_3.gz") as f:
+        pixels = ArraysOnly(f).load()
+    with gzip.open(folder / "animal_label_version_3.gz") as f:
+        labels = ArraysOnly(f).load()
+    for label, name in enumerate(ANIMAL_CLASSES):
+        for i in np.flatnonzero(labels == label)[:per_class].tolist():
+            _save(root, name, f"{i:05d}", pixels[i])
+    return root
+
+
 def photos(root: Path, patch: int = 96) -> Path:
     """Non-overlapping 96 px colour crops of five scikit-image photos, one class per photo."""
     from skimage import data
@@ -143,4 +184,5 @@ DATASETS: dict[str, Callable[[Path], Path]] = {
     "blends": blends,
     "mnist": mnist,
     "fashion": fashion,
+    "animals": animals,
 }

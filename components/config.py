@@ -182,6 +182,11 @@ class TrainConfig(Section):
     )
     warmup_epochs: float = Field(1.0, ge=0, description="Linear learning-rate warmup, in epochs.")
     label_smoothing: float = Field(0.1, ge=0, lt=1, description="Label smoothing of the training loss.")
+    calibrate_confidence: bool = Field(
+        True,
+        description="Fit a temperature on the val split after training and fold it into the classifier, "
+        "so that predicted probabilities match accuracy (label smoothing leaves them too low).",
+    )
     clip_grad_norm: float | None = Field(
         None, gt=0, description="Clip the gradient norm to this, e.g. 1.0; null: no clipping."
     )

@@ -312,6 +312,13 @@ def _data_version(facts: CardFacts) -> dict[str, str]:
     return version
 
 
+def _confidence(temperature: float | None) -> str:
+    """How the card states the probabilities' calibration."""
+    if temperature is None:
+        return "probabilities as trained (no temperature fitted)"
+    return f"calibrated on the val split: logits divided by {temperature:.3f}, folded into the classifier"
+
+
 def _recipe(meta: dict[str, Any]) -> dict[str, Any]:
     from .config import TrainConfig
 
@@ -329,6 +336,7 @@ def _recipe(meta: dict[str, Any]) -> dict[str, Any]:
         "Batch size": f"{train['batch_size']} × {train['grad_accum']} accumulation steps",
         "Image size": f"{size} px ({why})",
         "Regularization": f"weight decay {train['weight_decay']}, label smoothing {train['label_smoothing']}",
+        "Confidence": _confidence(meta.get("temperature")),
         "Augmentation": f"crop scale ≥ {train['crop_scale']}, color jitter {train['color_jitter']}, "
         f"hflip {train['hflip']}, mixup {train['mixup']}, RandAugment ops {train['randaugment']}",
         "Seed": meta["config"].get("seed"),

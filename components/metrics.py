@@ -27,6 +27,41 @@ def expected_calibration_error(probs: np.ndarray, y_true: np.ndarray, bins: int 
     return float(ece)
 
 
+TEMPERATURE_RANGE = (0.05, 20.0)  # the temperatures fit_temperature searches
+
+
+def _nll(logits: np.ndarray, y: np.ndarray) -> float:
+    """Mean negative log-likelihood of the labels under softmax(logits)."""
+    z = logits - logits.max(1, keepdims=True)
+    return float(np.mean(np.log(np.exp(z).sum(1)) - z[np.arange(len(y)), y]))
+
+
+def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
+    """The temperature T that calibrates softmax(logits / T) on these held-out labels.
+
+    T minimizes their negative log-likelihood (temperature scaling, Guo et al. 2017). A T below 1
+    sharpens the probabilities; it may do so only until the mean top-1 confidence reaches the
+    rule-of-succession accuracy (correct + 1) / (n + 2): with few or no errors among the labels the
+    likelihood keeps falling as T shrinks, which would make every prediction certain. 1.0 when
+    there are no labels.
+    """
+    from scipy.optimize import brentq, minimize_scalar
+
+    if not len(y):
+        return 1.0
+    logits = logits.astype(np.float64)
+    low, high = np.log(TEMPERATURE_RANGE)
+    best = minimize_scalar(lambda t: _nll(logits / np.exp(t), y), bounds=(low, high), method="bounded").x
+    ceiling = (int((logits.argmax(1) == y).sum()) + 1) / (len(y) + 2)
+
+    def excess(t: float) -> float:  # mean confidence above the ceiling at temperature e^t
+        return float(softmax(logits / np.exp(t)).max(1).mean()) - ceiling
+
+    if best < 0 and excess(best) > 0:  # sharpened beyond the ceiling: back off, at most to T = 1
+        best = brentq(excess, best, 0.0, xtol=1e-6) if excess(0.0) < 0 else 0.0
+    return float(np.exp(best))
+
+
 def accuracy_interval(correct: int, n: int, z: float = 1.959964) -> tuple[float, float]:
     """Wilson score interval of an accuracy of `correct` out of `n` (95 % at the default z).
 

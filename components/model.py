@@ -353,6 +353,27 @@ def head_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
     return base.get_classifier().parameters()
 
 
+def scale_logits(model: nn.Module, factor: float) -> None:
+    """Multiply the model's logits by `factor`, folded into its final linear layer's weight and
+    bias: the model, its exports and everything that loads its weights then give the scaled
+    logits. Under peft both the trained head and the original it replaces are scaled."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_classifier()
+    layers = (
+        [head.original_module, *head.modules_to_save.values()] if hasattr(head, "original_module") else [head]
+    )
+    if not all(isinstance(layer, nn.Linear) for layer in layers):
+        raise VisiontuneError(
+            f"train.calibrate_confidence: the classifier of {type(base).__name__} is not one linear "
+            "layer, so no temperature can be folded into it; set train.calibrate_confidence: false"
+        )
+    with torch.no_grad():
+        for layer in layers:
+            layer.weight.mul_(factor)
+            if layer.bias is not None:
+                layer.bias.mul_(factor)
+
+
 def save_checkpoint(model: nn.Module, out: Path, meta: dict[str, Any]) -> None:
     """Weights as safetensors plus a JSON that is enough to rebuild the model with no other state."""
     out.mkdir(parents=True, exist_ok=True)

@@ -285,7 +285,8 @@ def _log_run_contents(client, run_id: str, candidate: Candidate, metrics: dict) 
     train_json = candidate.checkpoint / "train.json"
     if train_json.exists():  # what the run was: device, epochs, trainable share, speed
         outcome = json.loads(train_json.read_text())
-        keys = ("method", "device", "best_epoch", "epochs_run", "trainable_parameters", "trainable_percent")
+        keys = ("method", "device", "best_epoch", "epochs_run", "temperature", "trainable_parameters",
+                "trainable_percent")  # fmt: skip
         mlflow.log_params({f"result.{k}": outcome[k] for k in keys if k in outcome})
         mlflow.log_metric("train_images_per_s", float(outcome["images_per_s"]))
     for folder, name in (

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from . import cache, distributed, images, manifest
+from . import metrics as metrics_
 from . import model as models
 from . import policy as policy_
 from .config import BaseConfig, ModelConfig, TrainConfig
@@ -50,6 +51,7 @@ class TrainResult:
     resumed_from_epoch: int
     best_val_loss: float
     best_val_accuracy: float
+    temperature: float | None  # the logits were divided by it (folded into the classifier); None: not fitted
     train_images: int
     image_size: int  # px, as trained (model.image_size resolved)
     image_size_reason: str
@@ -667,6 +669,34 @@ def _keep_best(run: _Run, progress: _Progress, epoch: int, val_loss: float, val_
         progress.bad_epochs += 1
 
 
+@torch.no_grad()
+def _calibrate(run: _Run, model: torch.nn.Module) -> float | None:
+    """Fit a temperature to the best weights' val logits (metrics.fit_temperature) and fold it into
+    the classifier (models.scale_logits), so that the checkpoint's probabilities match its accuracy;
+    the temperature, None when the val split is empty."""
+    model.eval()
+    logits = [
+        model(x).float()[: len(run.x_val[span])]
+        for span, x in _plain_batches(
+            run.pixels, run.x_val, run.prep, run.device, run.cfg.batch_size * 2,
+            memory_format=run.memory_format, pad=run.policy.cudnn_benchmark,
+        )
+    ]  # fmt: skip
+    if not logits:
+        run.say("confidence not calibrated: the val split is empty")
+        return None
+    z = torch.cat(logits).cpu().numpy()
+    temperature = metrics_.fit_temperature(z, run.y_val)
+    models.scale_logits(model, 1.0 / temperature)
+    before, after = (metrics_.softmax(z / t).max(1).mean() for t in (1.0, temperature))
+    run.say(
+        f"confidence calibrated on {len(z)} val images: logits divided by temperature {temperature:.3f}"
+        f" (mean top-1 probability {before:.3f} → {after:.3f};"
+        f" val accuracy {(z.argmax(1) == run.y_val).mean():.3f})"
+    )
+    return temperature
+
+
 ADAPTER = "adapter"  # under the train folder: the LoRA adapter in peft's format, or a note
 
 
@@ -680,6 +710,7 @@ def _finish(run: _Run, progress: _Progress, model_cfg, base, out: Path, stopped_
         )
     model = run.model
     model.load_state_dict(progress.best_state)
+    temperature = _calibrate(run, model) if cfg.calibrate_confidence else None
     shutil.rmtree(out / ADAPTER, ignore_errors=True)  # never an adapter from an earlier run
     if cfg.method == "lora":
         model.save_pretrained(out / ADAPTER)  # the small file: adapters and the new head only
@@ -690,6 +721,7 @@ def _finish(run: _Run, progress: _Progress, model_cfg, base, out: Path, stopped_
     config = {"model": model_cfg.model_dump(), "train": cfg.model_dump(), "seed": base.seed}
     meta = models.checkpoint_meta(model_cfg.name, run.class_names, run.prep, config)
     meta["best_epoch"] = best["epoch"]
+    meta["temperature"] = temperature
     meta["image_size_reason"] = run.size.reason
     meta["device_policy"] = run.policy.as_dict()
     if isinstance(model, models.LevelProbe):
@@ -711,6 +743,7 @@ def _finish(run: _Run, progress: _Progress, model_cfg, base, out: Path, stopped_
         resumed_from_epoch=progress.resumed_from,
         best_val_loss=best["val_loss"],
         best_val_accuracy=best["val_accuracy"],
+        temperature=temperature,
         train_images=len(run.y_train),
         image_size=run.size.size,
         image_size_reason=run.size.reason,

@@ -365,9 +365,14 @@ def summary(root: RootOpt = Path("data/prepared")) -> None:
         trained = json.loads(train_path.read_text())
         stop = "stopped early" if trained["stopped_early"] else "all epochs ran"
         size = f"{trained.get('image_size', '?')} px ({trained.get('image_size_reason', 'model.image_size')})"
+        temperature = trained.get("temperature")
+        confidence = (
+            "not calibrated" if temperature is None else f"calibrated (temperature {temperature:.3f})"
+        )
         lines.append(
             f"  training        {trained['method']} on {trained['device']}, {size}; "
-            f"best epoch {trained['best_epoch']} of {trained['epochs_run']} run ({stop})"
+            f"best epoch {trained['best_epoch']} of {trained['epochs_run']} run ({stop}); "
+            f"confidence {confidence}"
         )
     lines.append(f"  loss curves     dvc plots show   (data: {layout.train / 'history.csv'})")
     onnx = layout.export / "model.onnx"

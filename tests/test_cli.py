@@ -80,5 +80,7 @@ def test_summary_says_how_training_went(trained):
     result = runner.invoke(app, ["summary", "--root", str(layout.root)])
     assert result.exit_code == 0
     line = next(x for x in result.output.splitlines() if x.strip().startswith("training"))
-    device = json.loads((layout.train / "train.json").read_text())["device"]  # cpu, or cuda on a GPU machine
+    trained_json = json.loads((layout.train / "train.json").read_text())
+    device = trained_json["device"]  # cpu, or cuda on a GPU machine
     assert f"full on {device}, 32 px (model.image_size); best epoch 1 of 1 run (all epochs ran)" in line
+    assert line.endswith(f"; confidence calibrated (temperature {trained_json['temperature']:.3f})")

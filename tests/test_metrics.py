@@ -377,9 +377,13 @@ def test_val_metrics_of_training_and_of_evaluate_match_the_checkpoints_predictio
     y_pred = probs.argmax(1)
     labels = list(range(len(meta["class_names"])))
 
+    # history describes the epoch as trained; the checkpoint's logits were then divided by the
+    # temperature fitted on these val images, which can only lower their log loss
+    raw = metrics.softmax(logits.astype(np.float64) * (meta["temperature"] or 1.0))
+    assert log_loss(y_true, probs, labels=labels) <= log_loss(y_true, raw, labels=labels) + 1e-6
     with open(layout.train / "history.csv") as fh:
         (row,) = list(csv.DictReader(fh))
-    assert float(row["val_loss"]) == pytest.approx(log_loss(y_true, probs, labels=labels), rel=1e-4)
+    assert float(row["val_loss"]) == pytest.approx(log_loss(y_true, raw, labels=labels), rel=1e-4)
     assert float(row["val_accuracy"]) == pytest.approx(accuracy_score(y_true, y_pred))
     assert float(row["val_macro_f1"]) == pytest.approx(
         f1_score(y_true, y_pred, labels=sorted(set(y_true.tolist())), average="macro", zero_division=0)
@@ -397,3 +401,32 @@ def test_val_metrics_of_training_and_of_evaluate_match_the_checkpoints_predictio
         warnings.simplefilter("ignore")
         top_k = top_k_accuracy_score(y_true, probs, k=k, labels=labels)
     assert flat[f"val_top{k}_accuracy"] == pytest.approx(top_k)
+
+
+def _labels_drawn_from(logits: np.ndarray, seed: int = 0) -> np.ndarray:
+    """One label per row, drawn from softmax(logits): logits for which temperature 1 is calibrated."""
+    rng = np.random.default_rng(seed)
+    probs = metrics.softmax(logits)
+    return (rng.random((len(probs), 1)) > probs.cumsum(1)).sum(1)
+
+
+def test_temperature_undoes_a_scaling_of_calibrated_logits_either_way():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(4000, 10))
+    logits[np.arange(4000), rng.integers(0, 10, 4000)] += 2.0
+    y = _labels_drawn_from(logits)
+    assert metrics.fit_temperature(3.0 * logits, y) == pytest.approx(3.0, rel=0.06)  # overconfident
+    assert metrics.fit_temperature(0.5 * logits, y) == pytest.approx(0.5, rel=0.06)  # underconfident
+    assert metrics.fit_temperature(logits[:0], y[:0]) == 1.0
+
+
+def test_temperature_sharpens_only_up_to_the_rule_of_succession_accuracy():
+    """50 labels, all predicted right: the likelihood alone would shrink T to its bound and make
+    every prediction certain. Underconfident logits are sharpened until their mean confidence is
+    51/52; logits already more confident than that are left as they are, not softened."""
+    y = np.arange(50) % 5
+    shy = 3.0 * np.eye(5)[y]  # top-1 probability 0.83
+    t = metrics.fit_temperature(shy, y)
+    assert t < 1 and metrics.softmax(shy / t).max(1).mean() == pytest.approx(51 / 52, abs=1e-5)
+    sure = 6.0 * np.eye(5)[y]  # 0.99
+    assert metrics.fit_temperature(sure, y) == 1.0

@@ -131,3 +131,35 @@ def test_image_size_setting_is_validated():
         ModelConfig(image_size=8)
     with pytest.raises(ValueError, match="choose_image_size"):
         models.create(ModelConfig(image_size="auto"), num_classes=3)
+
+
+@pytest.mark.parametrize("kind", ["timm", "probe", "lora"])
+def test_scale_logits_folds_a_factor_into_the_classifier(kind):
+    """The scaled model's logits are the factor times the original's, for a plain timm model, a
+    linear probe over several levels and a peft LoRA model (merged afterwards as training does)."""
+    from visiontune.components.config import LoraConfig
+
+    torch.manual_seed(0)
+    model, _ = models.create(ModelConfig(image_size=32, pretrained=False), num_classes=3)
+    if kind == "probe":
+        model, _ = models.linear_probe(model, levels=2, num_classes=3, size=32)
+    if kind == "lora":
+        model = models.apply_lora(model, LoraConfig())
+    model.eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        before = model(x)
+        models.scale_logits(model, 0.25)
+        after = model(x)
+        if kind == "lora":
+            assert torch.allclose(models.merge_lora(model)(x), after, atol=1e-5)
+    assert torch.allclose(after, 0.25 * before, atol=1e-5)
+
+
+def test_a_classifier_that_is_not_one_linear_layer_cannot_be_scaled():
+    from visiontune.components.errors import VisiontuneError
+
+    model, _ = models.create(ModelConfig(image_size=32, pretrained=False), num_classes=3)
+    model.reset_classifier(0)  # an Identity: no layer to fold a temperature into
+    with pytest.raises(VisiontuneError, match="train.calibrate_confidence: false"):
+        models.scale_logits(model, 0.5)

@@ -3,6 +3,7 @@
 import csv
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -35,7 +36,8 @@ def _run_keeping_every_epoch(tmp_path, per_class: int = 20, **train_opts):
     from visiontune.pipelines import stages
 
     data = write_digits(tmp_path / "raw", classes=(0, 1), per_class=per_class)
-    params = tiny_params(data, train={"color_jitter": 0.0, **train_opts})
+    # not calibrated: the checkpoint is then exactly the best epoch's weights
+    params = tiny_params(data, train={"color_jitter": 0.0, "calibrate_confidence": False, **train_opts})
     layout = stages.Layout(tmp_path / "prep")
     stages.prepare(params, layout)
     states = {}
@@ -183,6 +185,34 @@ def test_same_seed_same_weights_and_another_seed_differs(tmp_path):
         torch.use_deterministic_algorithms(False)
     assert all(torch.equal(weights["a"][k], weights["b"][k]) for k in weights["a"])
     assert not all(torch.equal(weights["a"][k], weights["c"][k]) for k in weights["a"])
+
+
+def test_the_checkpoint_is_the_trained_model_with_its_logits_divided_by_the_fitted_temperature(tmp_path):
+    """Two runs of one seed, calibrated and not: the same weights but for the classifier, whose
+    logits differ by exactly the temperature that train.json and the checkpoint record."""
+    from visiontune.components import images, manifest, metrics
+
+    runs = {}
+    try:
+        for name, calibrate in (("cal", True), ("raw", False)):
+            _, layout, result = _train_tiny(
+                tmp_path, name, deterministic=True, calibrate_confidence=calibrate
+            )
+            runs[name] = (layout, result, *models.load_checkpoint(layout.train))
+    finally:  # the mode is process-wide
+        torch.use_deterministic_algorithms(False)
+    (layout, cal, model, meta), (_, raw, raw_model, raw_meta) = runs["cal"], runs["raw"]
+    assert raw.temperature is None and raw_meta["temperature"] is None
+    assert cal.temperature == meta["temperature"] != 1.0
+    frame = manifest.read(layout.prepare / "manifest.csv")
+    val = frame[frame["split"] == "val"]
+    x = images.normalize(images.load_batch(val["path"].tolist(), 32), meta["preprocessing"]["mean"],
+                         meta["preprocessing"]["std"])  # fmt: skip
+    logits, raw_logits = (models.predict_logits(m, iter([x])) for m in (model, raw_model))
+    assert np.allclose(logits * cal.temperature, raw_logits, atol=1e-4)
+    assert cal.temperature == pytest.approx(
+        metrics.fit_temperature(raw_logits, val["label"].astype(int).to_numpy()), rel=1e-3
+    )
 
 
 @pytest.mark.slow
