@@ -701,8 +701,9 @@ ADAPTER = "adapter"  # under the train folder: the LoRA adapter in peft's format
 
 
 def _finish(run: _Run, progress: _Progress, model_cfg, base, out: Path, stopped_early: bool, started: float):
-    """The best epoch's weights as the checkpoint (LoRA merged, its adapter kept beside), history.csv
-    and train.json; the resume state is removed."""
+    """The best epoch's weights, their confidence calibrated (train.calibrate_confidence), as the
+    checkpoint (LoRA merged, its adapter kept beside), history.csv and train.json; the resume state
+    is removed."""
     cfg, history, best = run.cfg, progress.history, progress.best
     if progress.best_state is None:
         raise VisiontuneError(
