@@ -29,7 +29,7 @@ from visiontune.components.export import batches
 from visiontune.pipelines import stages
 
 
-def test_logits(layout: stages.Layout) -> tuple[np.ndarray, np.ndarray, float]:
+def checkpoint_test_logits(layout: stages.Layout) -> tuple[np.ndarray, np.ndarray, float]:
     """(the checkpoint's test logits, the labels, the temperature folded into it)."""
     model, meta = models.load_checkpoint(layout.train)
     prep = models.preprocessing_of(meta)
@@ -42,10 +42,11 @@ def test_logits(layout: stages.Layout) -> tuple[np.ndarray, np.ndarray, float]:
 
 def scores(logits: np.ndarray, y: np.ndarray) -> dict[str, float]:
     """ECE, NLL and mean top-1 probability of softmax(logits) on labels y."""
-    probs = metrics.softmax(logits.astype(np.float64))
+    logits = logits.astype(np.float64)
+    probs = metrics.softmax(logits)
     return {
         "ece": metrics.expected_calibration_error(probs, y),
-        "nll": float(-np.log(np.maximum(probs[np.arange(len(y)), y], 1e-300)).mean()),
+        "nll": metrics.nll(logits, y),
         "confidence": float(probs.max(1).mean()),
     }
 
@@ -65,7 +66,7 @@ def main() -> None:
             for seed in seeds:
                 work = Path(tmp) / "runs" / f"{name}-{seed}"
                 accuracy = run(source, work, seed, {})[0]
-                logits, y, temperature = test_logits(stages.Layout(work))
+                logits, y, temperature = checkpoint_test_logits(stages.Layout(work))
                 rows.append((accuracy, scores(logits * temperature, y), scores(logits, y), temperature))
                 raw, calibrated = rows[-1][1:3]
                 seen = {"dataset": name, "seed": seed, "accuracy": accuracy, "temperature": temperature}

@@ -30,7 +30,7 @@ def expected_calibration_error(probs: np.ndarray, y_true: np.ndarray, bins: int 
 TEMPERATURE_RANGE = (0.05, 20.0)  # the temperatures fit_temperature searches
 
 
-def _nll(logits: np.ndarray, y: np.ndarray) -> float:
+def nll(logits: np.ndarray, y: np.ndarray) -> float:
     """Mean negative log-likelihood of the labels under softmax(logits)."""
     z = logits - logits.max(1, keepdims=True)
     return float(np.mean(np.log(np.exp(z).sum(1)) - z[np.arange(len(y)), y]))
@@ -51,7 +51,7 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
         return 1.0
     logits = logits.astype(np.float64)
     low, high = np.log(TEMPERATURE_RANGE)
-    best = minimize_scalar(lambda t: _nll(logits / np.exp(t), y), bounds=(low, high), method="bounded").x
+    best = minimize_scalar(lambda t: nll(logits / np.exp(t), y), bounds=(low, high), method="bounded").x
     ceiling = (int((logits.argmax(1) == y).sum()) + 1) / (len(y) + 2)
 
     def excess(t: float) -> float:  # mean confidence above the ceiling at temperature e^t
