@@ -347,9 +347,14 @@ def family(model: nn.Module) -> str:
     return "depthwise" if depthwise >= len(convs) / 10 else "cnn"  # squeeze-excite adds 1x1 convs
 
 
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The timm model itself: peft's wrapper keeps it (with its adapters inside) as the base model."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def head_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
     """Parameters of the classifier head that replaced the pretrained one (peft-wrapped or not)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _unwrapped(model)
     return base.get_classifier().parameters()
 
 
@@ -357,7 +362,7 @@ def scale_logits(model: nn.Module, factor: float) -> None:
     """Multiply the model's logits by `factor`, folded into its final linear layer's weight and
     bias: the model, its exports and everything that loads its weights then give the scaled
     logits. Under peft both the trained head and the original it replaces are scaled."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _unwrapped(model)
     head = base.get_classifier()
     layers = (
         [head.original_module, *head.modules_to_save.values()] if hasattr(head, "original_module") else [head]
@@ -427,8 +432,7 @@ def logits_and_embedding(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tenso
     if isinstance(model, LevelProbe):  # its embedding: the standardized, block-scaled level features
         embedding = (model.features(x) - model.mean) * model.inv_std * model.block_scale
         return model.fc(embedding), embedding
-    # peft keeps its adapters inside the base model
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _unwrapped(model)
     embedding = base.forward_head(base.forward_features(x), pre_logits=True)
     head = base.get_classifier()
     if not isinstance(head, nn.Module):  # distilled ViTs return (head, head_dist): not one linear layer

@@ -195,15 +195,25 @@ def _plain_batches(
 
 
 @torch.no_grad()
+def _plain_logits(
+    model, pixels, rows, prep, device, batch_size, autocast, **batching
+) -> Iterator[tuple[slice, torch.Tensor]]:
+    """(slice of rows, float32 logits of those rows on the device) over un-augmented batches, in
+    order, the model in eval mode (a padded batch's blank images left out)."""
+    model.eval()
+    for span, x in _plain_batches(pixels, rows, prep, device, batch_size, **batching):
+        with autocast():
+            logits = model(x).float()[: len(rows[span])]
+        yield span, logits  # outside autocast: the caller's arithmetic is its own
+
+
+@torch.no_grad()
 def _evaluate(
     model, pixels, rows, y, prep, device, batch_size, autocast, n_classes, **batching
 ) -> np.ndarray:
     """[loss sum, confusion counts...] over these rows: sums, so that ranks can add theirs up."""
-    model.eval()
     loss, predicted = torch.zeros((), device=device), []  # kept on the device: one read at the end
-    for span, x in _plain_batches(pixels, rows, prep, device, batch_size, **batching):
-        with autocast():
-            logits = model(x).float()[: len(rows[span])]
+    for span, logits in _plain_logits(model, pixels, rows, prep, device, batch_size, autocast, **batching):
         target = torch.from_numpy(y[span]).to(device, non_blocking=True)
         loss += F.cross_entropy(logits, target, reduction="sum")
         predicted.append(logits.argmax(1))
@@ -674,11 +684,10 @@ def _calibrate(run: _Run, model: torch.nn.Module) -> float | None:
     """Fit a temperature to the best weights' val logits (metrics.fit_temperature) and fold it into
     the classifier (models.scale_logits), so that the checkpoint's probabilities match its accuracy;
     the temperature, None when the val split is empty."""
-    model.eval()
+    # in full precision: a temperature fitted to bf16 logits would carry their rounding
     logits = [
-        model(x).float()[: len(run.x_val[span])]
-        for span, x in _plain_batches(
-            run.pixels, run.x_val, run.prep, run.device, run.cfg.batch_size * 2,
+        z for _, z in _plain_logits(
+            model, run.pixels, run.x_val, run.prep, run.device, run.cfg.batch_size * 2, nullcontext,
             memory_format=run.memory_format, pad=run.policy.cudnn_benchmark,
         )
     ]  # fmt: skip
