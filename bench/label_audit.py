@@ -38,6 +38,7 @@ AUDIT_SIZE = {
     "mnist": 64,
     "fashion": 64,
     "animals": 64,
+    "emoji": 64,
 }  # as auto picks
 
 

@@ -4,8 +4,8 @@ Imported by the benchmarks (`from real_data import DATASETS`); runs nothing. Eac
 a destination folder and returns it. The datasets differ on purpose: small scans (digits), thin
 handwritten strokes on black (mnist), small low-detail grayscale photos (faces; fashion, whose
 shirts, T-shirts, pullovers and coats overlap), silhouettes (animals), large-scale
-texture (textures), colour photo crops (photos), and classes that share most of their visual
-content (blends).
+texture (textures), colour photo crops (photos), classes that share most of their visual
+content (blends), and colour drawings on transparency (emoji).
 """
 
 from __future__ import annotations
@@ -176,6 +176,38 @@ def blends(root: Path, per_class: int = 150, patch: int = 48, seed: int = 0) -> 
     return root
 
 
+EMOJI_PACKAGE = Path(__file__).parent / "out" / "emoji-datasource-twitter"
+
+
+def emoji(root: Path, skin_tones: bool = False) -> Path:
+    """Twitter's emoji drawings (Twemoji, CC-BY 4.0), 64×64 RGBA PNGs on transparency, copied
+    unchanged into one class per Unicode category (the category names hold spaces and "&"):
+    1,906 images in 9 classes of 85–386 (the 5 skin-tone swatches of "Component" left out), or
+    3,781 with every skin-tone variant (`skin_tones`), which are the same drawings with the skin
+    recoloured.
+
+    Read from the npm package emoji-datasource-twitter 16.0.0 (MIT), unpacked into EMOJI_PACKAGE:
+    `npm pack emoji-datasource-twitter@16.0.0 && tar xzf emoji-datasource-twitter-16.0.0.tgz`,
+    then move `package` to bench/out/emoji-datasource-twitter.
+    """
+    import json
+    import shutil
+
+    table = EMOJI_PACKAGE / "emoji.json"
+    if not table.exists():
+        raise SystemExit(f"the emoji dataset is read from {EMOJI_PACKAGE}: see bench/real_data.py's emoji()")
+    for entry in json.loads(table.read_text()):
+        if entry["category"] == "Component":
+            continue
+        variants = [entry] + (list((entry.get("skin_variations") or {}).values()) if skin_tones else [])
+        for variant in variants:
+            source = EMOJI_PACKAGE / "img" / "twitter" / "64" / variant["image"]
+            if variant.get("has_img_twitter") and source.exists():
+                (root / entry["category"]).mkdir(parents=True, exist_ok=True)
+                shutil.copy(source, root / entry["category"] / variant["image"])
+    return root
+
+
 DATASETS: dict[str, Callable[[Path], Path]] = {
     "digits": digits,
     "faces": faces,
@@ -185,4 +217,5 @@ DATASETS: dict[str, Callable[[Path], Path]] = {
     "mnist": mnist,
     "fashion": fashion,
     "animals": animals,
+    "emoji": emoji,
 }

@@ -5,7 +5,9 @@ A perceptual-hash match is only a candidate: on small, low-detail images differe
 share a hash. Each candidate pair is confirmed by its pixel distance (16×16 grayscale thumbnails,
 each standardized to zero mean and unit contrast, mean absolute difference) and by raw brightness
 and contrast that agree (standardizing alone makes a black and a white blank image equal); pairs
-that fail are reported as "similar" and never count as leakage.
+that fail are reported as "similar" and never count as leakage. Every check but the last looks at
+gray levels, so a confirmed pair must finally agree in colour too (colours_agree): a red and a
+blue circle, or the flags of Italy and Peru, are one picture in gray.
 
 Two kinds of pair get a second look. Pairs of images at least ALIGN_MIN_SIDE px are candidates
 within CROP_DISTANCE bits (re-encoding moves more hash bits there, while different pictures rarely
@@ -72,6 +74,9 @@ RESAMPLED_DISTANCE = 0.04  # confirmation cut for a reproduced resize (same unit
 NATIVE_BLOCK = 4096  # same-size pairs whose native views are compared at once
 PAIRS_PER_GROUP = 50  # confirmed pairs listed per near group, weakest first
 MAX_SIMILAR = 200  # unconfirmed candidate pairs reported, closest first
+COLOUR_GRID = 2  # colour is compared per cell of a COLOUR_GRID × COLOUR_GRID split of the image
+COLOUR_TOLERANCE = 0.04  # chroma a cell's channel may move (white = 1), plus COLOUR_GAIN of it:
+COLOUR_GAIN = 0.1  # a brightness change of ±10 % scales chroma as much
 
 
 def perceptual_hash(img: Image.Image) -> str:
@@ -102,6 +107,28 @@ def tones_agree(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     contrast of one another, as an edit that keeps the picture leaves them."""
     contrast = np.log(np.maximum(a[..., 1], CONTRAST_FLOOR) / np.maximum(b[..., 1], CONTRAST_FLOOR))
     return (np.abs(a[..., 0] - b[..., 0]) <= TONE_MEAN) & (np.abs(contrast) <= TONE_CONTRAST)
+
+
+def colour_view(img: Image.Image) -> np.ndarray:
+    """The colour of each cell of a COLOUR_GRID × COLOUR_GRID split of the image: its mean red,
+    green and blue less their mean (white = 1), (COLOUR_GRID², 3) float32; zero for a gray image."""
+    cells = img.convert("RGB").resize((COLOUR_GRID, COLOUR_GRID), Image.Resampling.BOX)
+    rgb = np.asarray(cells, dtype=np.float32).reshape(-1, 3) / 255.0
+    return rgb - rgb.mean(axis=-1, keepdims=True)
+
+
+def colour_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Largest difference between colour views (stacked: (..., cells, 3)) in any cell and channel."""
+    return np.abs(a - b).max(axis=(-2, -1))
+
+
+def colours_agree(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Whether colour views agree in every cell and channel within COLOUR_TOLERANCE plus COLOUR_GAIN
+    of the larger chroma, as re-encoding, resizing, a crop of up to 5 % and a brightness change of
+    ±10 % leave them (on colour photos and emoji, the worst such copy came within 0.02 of the
+    bound); a recoloured picture does not."""
+    allow = COLOUR_TOLERANCE + COLOUR_GAIN * np.maximum(np.abs(a), np.abs(b))
+    return (np.abs(a - b) <= allow).all(axis=(-2, -1))
 
 
 def _standardize(t: np.ndarray) -> np.ndarray:
@@ -253,8 +280,9 @@ def _confirm(
     threshold: float,
     max_pixels: int,
 ) -> tuple[np.ndarray, ...]:
-    """(confirmed pairs, their pixel distances, their noise ratios; the closest unconfirmed pairs,
-    their distances, their noise ratios). A noise ratio is NaN where it was not measured.
+    """(confirmed pairs, their pixel distances, noise ratios and colour distances; the closest
+    unconfirmed pairs, their distances, noise ratios and colour distances). A noise ratio or a
+    colour distance is NaN where it was not measured.
 
     Candidates are item pairs within max(max_distance, crop_distance) hash bits; only the images
     in some candidate pair are decoded (sizes: each item's width and height). A pair within
@@ -266,7 +294,9 @@ def _confirm(
     comparison (_confirm_crops), and the closest MAX_ALIGNED pairs of small images of two sizes
     the resampled and crop comparisons (_confirm_small); so do, crop comparison only, the pairs
     of small images beyond crop_distance bits that _crop_candidates finds by their thumbnails.
-    Unconfirmed pairs are those within max_distance bits.
+    Last, a pair confirmed any of these ways whose colours do not agree (_check_colours) is
+    unconfirmed after all. Unconfirmed pairs are those within max_distance bits, and those that
+    failed on colour.
     """
     values, inverse = np.unique(hashes, return_inverse=True)
     value_pairs = hash_pairs(values, max(max_distance, crop_distance))
@@ -282,7 +312,7 @@ def _confirm(
     natives: dict[int, tuple[np.ndarray, float]] = {}  # native views of small images, decoded once
     kept = [[np.empty((0, 2), dtype=np.int64)], [np.empty(0, dtype=np.float32)], [np.empty(0, np.float32)]]
     crops = resized = (np.empty((0, 2), dtype=np.int64), np.empty(0, dtype=np.float32))
-    failed = (*crops, np.empty(0, dtype=np.float32))
+    failed = (*crops, np.empty(0, dtype=np.float32), np.empty(0, dtype=np.float32))
     for pairs in member_pairs(inverse, value_pairs):
         a, b = pairs[:, 0], pairs[:, 1]
         dist = pixel_distance(thumbs[row[a]], thumbs[row[b]])
@@ -301,7 +331,8 @@ def _confirm(
         for into, part in zip(kept, (pairs[ok], dist[ok], ratio[ok]), strict=True):
             into.append(part)
         fail = ~ok & (bits <= max_distance)
-        failed = _closest(failed, (pairs[fail], dist[fail], ratio[fail]), 10 * MAX_SIMILAR)  # > group filter
+        unmeasured = np.full(int(fail.sum()), np.nan, dtype=np.float32)
+        failed = _closest(failed, (pairs[fail], dist[fail], ratio[fail], unmeasured), 10 * MAX_SIMILAR)
         try_crop = ~ok & (bits <= crop_distance) & big & ~small
         crops = _closest(crops, (pairs[try_crop], dist[try_crop]), MAX_ALIGNED)
         try_small = ~ok & (bits <= crop_distance) & small & ~same
@@ -319,7 +350,26 @@ def _confirm(
         n = len(hashes)
         again = np.isin(failed[0][:, 0] * n + failed[0][:, 1], rescued[:, 0] * n + rescued[:, 1])
         failed = tuple(f[~again] for f in failed)
-    return confirmed, dist, ratio, *failed
+    return _check_colours((confirmed, dist, ratio), failed, paths, max_pixels)
+
+
+def _check_colours(
+    confirmed: tuple[np.ndarray, ...], failed: tuple[np.ndarray, ...], paths: list[str], max_pixels: int
+) -> tuple[np.ndarray, ...]:
+    """_confirm's answer from its confirmed (pairs, distances, noise ratios) and unconfirmed
+    (the same and colour distances) pairs: each confirmed pair's colour distance is measured, and
+    those whose colours do not agree (colours_agree) join the unconfirmed ones, at most
+    10 × MAX_SIMILAR of which are kept, closest first."""
+    pairs = confirmed[0]
+    ids, slot = np.unique(pairs, return_inverse=True)
+    slot = slot.reshape(-1, 2)
+    views = _each_image(colour_view, [paths[i] for i in ids.tolist()], max_pixels)
+    views = np.stack(views) if views else np.zeros((0, COLOUR_GRID**2, 3), dtype=np.float32)
+    a, b = views[slot[:, 0]], views[slot[:, 1]]
+    measured = (*confirmed, colour_distance(a, b).astype(np.float32))
+    ok = colours_agree(a, b)
+    failed = _closest(failed, tuple(m[~ok] for m in measured), 10 * MAX_SIMILAR)
+    return *(m[ok] for m in measured), *failed
 
 
 def _crop_candidates(
@@ -465,10 +515,10 @@ def _confirm_crops(
 
 
 def _pair_record(
-    frame: pd.DataFrame, i: int, j: int, hashes: np.ndarray, dist: float, ratio: float = float("nan")
+    frame: pd.DataFrame, i: int, j: int, hashes: np.ndarray, dist: float, ratio: float, colour: float
 ) -> dict:
     """One pair as the report lists it; noise_ratio is None where it was not measured (large images)
-    or does not apply (a resize)."""
+    or does not apply (a resize), colour_distance where it was not measured (the pixels differed)."""
     rows = frame.iloc[[i, j]]
     return {
         "paths": rows["path"].tolist(),
@@ -477,6 +527,7 @@ def _pair_record(
         "phash_distance": bin(int(hashes[i] ^ hashes[j])).count("1"),
         "pixel_distance": round(float(dist), 4),
         "noise_ratio": round(float(ratio), 3) if np.isfinite(ratio) else None,
+        "colour_distance": round(float(colour), 4) if np.isfinite(colour) else None,
     }
 
 
@@ -498,9 +549,10 @@ def find_duplicates(
     with each pair); those of different sizes may also be confirmed as a crop (by the noise ratio
     and the thumbnails of the matching window, even beyond crop_distance bits: _crop_candidates)
     or a resize (by a resampled comparison), the pixel distance then being the window's or the
-    resampled one. Near groups
-    are the connected components of confirmed pairs that join different files' contents, with
-    every file of each content; candidates that fail confirmation come back one pair per
+    resampled one. However confirmed, the two images' colours must agree too (colours_agree; the
+    colour distance is recorded with each pair that got that far). Near groups are the connected
+    components of confirmed pairs that join different files' contents, with every file of each
+    content; candidates that fail confirmation come back one pair per
     "similar" entry, closest first (at most MAX_SIMILAR), unless a near group already holds both
     images.
     """
@@ -532,7 +584,7 @@ def find_duplicates(
         sizes = frame[["width", "height"]].to_numpy()[reps]
     else:  # sizes unknown: every image is taken as large (a pair may be a crop, not a resize)
         sizes = np.full((len(reps), 2), RESIZE_MAX_SIDE + 1)
-    confirmed, dist, ratio, unconfirmed, udist, uratio = _confirm(
+    confirmed, dist, ratio, colour, unconfirmed, udist, uratio, ucolour = _confirm(
         hashes[reps], [paths[i] for i in reps], sizes, max_distance, crop_distance, threshold, max_pixels
     )
     n = len(reps)
@@ -544,18 +596,19 @@ def find_duplicates(
         if c in members:
             members[c] += by_content[frame.at[rep, "sha256"]].tolist()
     links = {c: [] for c in members}
-    for (a, b), d, r in zip(confirmed.tolist(), dist.tolist(), ratio.tolist(), strict=True):
-        links[component[a]].append((d, a, b, r))
+    for (a, b), *measures in zip(*(x.tolist() for x in (confirmed, dist, ratio, colour)), strict=True):
+        links[component[a]].append((measures, a, b))
     for c, rows in sorted(members.items(), key=lambda kv: min(paths[i] for i in kv[1])):
-        weakest = sorted(links[c], reverse=True)[:PAIRS_PER_GROUP]
+        weakest = sorted(links[c], key=lambda link: (link[0][0], link[1], link[2]), reverse=True)
+        weakest = weakest[:PAIRS_PER_GROUP]
         group = describe(sorted(rows), "near")
-        group["pairs"] = [_pair_record(frame, reps[a], reps[b], hashes, d, r) for d, a, b, r in weakest]
+        group["pairs"] = [_pair_record(frame, reps[a], reps[b], hashes, *m) for m, a, b in weakest]
         found.append(group)
     apart = component[unconfirmed[:, 0]] != component[unconfirmed[:, 1]]
-    similar = zip(unconfirmed[apart].tolist(), udist[apart].tolist(), uratio[apart].tolist(), strict=True)
-    for (a, b), d, r in list(similar)[:MAX_SIMILAR]:
+    similar = zip(*(u[apart].tolist() for u in (unconfirmed, udist, uratio, ucolour)), strict=True)
+    for (a, b), *measures in list(similar)[:MAX_SIMILAR]:
         i, j = int(reps[a]), int(reps[b])
-        found.append({**describe([i, j], "similar"), "pairs": [_pair_record(frame, i, j, hashes, d, r)]})
+        found.append({**describe([i, j], "similar"), "pairs": [_pair_record(frame, i, j, hashes, *measures)]})
     return found
 
 
@@ -579,19 +632,21 @@ def leakage(duplicates: list[dict], frame: pd.DataFrame) -> list[dict]:
 
 def pair_thumbnails(groups: list[dict], path: Path, title: str, limit: int = 24) -> Path | None:
     """One PNG of image pairs side by side (three pairs a row), captioned with labels, splits,
-    hash distance, pixel distance and noise ratio (where measured); None when the groups hold no
-    pairs."""
-    pairs = [p for g in groups for p in g.get("pairs", ())][:limit]
+    hash distance, pixel distance, noise ratio (where measured) and, for a similar pair that
+    failed on colour alone, its colour distance; None when the groups hold no pairs."""
+    pairs = [(g["kind"], p) for g in groups for p in g.get("pairs", ())][:limit]
     if not pairs:
         return None
     from .plots import image_grid
 
     files, titles = [], []
-    for p in pairs:
+    for kind, p in pairs:
         files += p["paths"]
+        colour = p.get("colour_distance") if kind == "similar" else None
         titles += [
             f"{p['labels'][0]} / {p['splits'][0]}\nhash {p['phash_distance']} bits",
             f"{p['labels'][1]} / {p['splits'][1]}\npixel {p['pixel_distance']:.3f}"
-            + ("" if p.get("noise_ratio") is None else f", noise {p['noise_ratio']:.2f}"),
+            + ("" if p.get("noise_ratio") is None else f", noise {p['noise_ratio']:.2f}")
+            + ("" if colour is None else f", colour {colour:.2f}"),
         ]
     return image_grid(files, titles, title, path)

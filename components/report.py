@@ -60,7 +60,8 @@ def _duplicates_markdown(report: dict, max_rows: int) -> list[str]:
         f"{ALIGN_MIN_SIDE} px or more, and for pairs of different sizes up to {RESIZE_MAX_SIDE} px), "
         f"confirmed by a pixel distance ≤ {report['thresholds']['near_duplicate_pixel_distance']:g} "
         "(validate.near_duplicate_pixel_distance) or, for a crop, by an aligned comparison, or, for a "
-        "resize, by a resampled one; raw brightness and contrast must agree too. Pairs of images up "
+        "resize, by a resampled one; raw brightness and contrast must agree too, and so must the colour "
+        "of each quarter of the two images. Pairs of images up "
         f"to {RESIZE_MAX_SIDE} px must also differ at their own resolution by at most {NOISE_RATIO:g} "
         f"times what a JPEG re-encoding at quality {NOISE_QUALITY} changes (the noise ratio)."
     )
@@ -91,8 +92,9 @@ def _duplicates_markdown(report: dict, max_rows: int) -> list[str]:
         return [*lines, "None."]
     lines.append(
         "Their hashes matched but their pixels differ by more than the confirmation cuts (the pixel "
-        "distance, or for small images the noise ratio), so they count neither as duplicates nor as "
-        "leakage. Listed closest first, for a person to check."
+        "distance, or for small images the noise ratio) or their colours differ (a colour distance is "
+        "listed where the gray levels matched), so they count neither as duplicates nor as leakage. "
+        "Listed closest first, for a person to check."
     )
     if thumbs.get("similar"):
         lines += ["", f"![similar pairs]({thumbs['similar']})"]
@@ -105,11 +107,13 @@ def _duplicates_markdown(report: dict, max_rows: int) -> list[str]:
             pair["phash_distance"],
             f"{pair['pixel_distance']:.3f}",
             "—" if pair.get("noise_ratio") is None else f"{pair['noise_ratio']:.2f}",
+            "—" if pair.get("colour_distance") is None else f"{pair['colour_distance']:.3f}",
         ]
         for d in similar[:max_rows]
         for pair in d["pairs"]
     ]
-    return lines + _table(["files", "labels", "splits", "hash bits", "pixel distance", "noise ratio"], rows)
+    header = ["files", "labels", "splits", "hash bits", "pixel distance", "noise ratio", "colour distance"]
+    return lines + _table(header, rows)
 
 
 def _audit_markdown(audit: dict, issues: list[dict], max_rows: int) -> list[str]:

