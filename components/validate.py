@@ -126,7 +126,8 @@ def _gate(cfg: ValidateConfig, report: dict, frame: pd.DataFrame) -> tuple[list[
             f"imbalance: largest/smallest class = {balance['imbalance_ratio']:.1f} "
             f"({balance['largest']['class']}: {balance['largest']['images']}, "
             f"{balance['smallest']['class']}: {balance['smallest']['images']}) > "
-            f"validate.max_imbalance_ratio={cfg.max_imbalance_ratio:g}"
+            f"validate.max_imbalance_ratio={cfg.max_imbalance_ratio:g}; add images to the small classes, "
+            "or set train.imbalance (weights or sampler) and raise the threshold"
         )
     if report["leakage"] and not cfg.allow_leakage:
         failures.append(

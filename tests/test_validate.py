@@ -161,7 +161,8 @@ def test_imbalance_gate(tmp_path):
     params = tiny_params(data)
     prepare(params.data, params.base, params.validate_.max_pixels, tmp_path / "prep")
     with pytest.raises(
-        GateFailed, match=r"largest/smallest class = 8\.0 .* > validate\.max_imbalance_ratio=4"
+        GateFailed,
+        match=r"class = 8\.0 .* > validate\.max_imbalance_ratio=4; add images to the small classes",
     ):
         validate(ValidateConfig(max_imbalance_ratio=4, label_audit=False), tmp_path / "prep", tmp_path / "v")
     at_the_limit = ValidateConfig(max_imbalance_ratio=8, label_audit=False)  # 40/5 is allowed
