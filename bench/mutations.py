@@ -247,6 +247,20 @@ MUTATIONS = [
         "if False:",
         ("tests/test_metrics.py::test_temperature_sharpens_only_up_to_the_rule_of_succession_accuracy",),
     ),
+    Mutation(
+        "duplicates: colour is not checked",
+        "components/duplicates.py",
+        "    ok = colours_agree(a, b)\n",
+        "    ok = np.ones(len(pairs), dtype=bool)\n",
+        ("tests/test_duplicates.py::test_pictures_alike_in_gray_but_not_in_colour_are_similar_not_duplicates",),
+    ),
+    Mutation(
+        "duplicates: no brightness allowance in the colour check",
+        "components/duplicates.py",
+        "COLOUR_TOLERANCE + COLOUR_GAIN * np.maximum(np.abs(a), np.abs(b))",
+        "COLOUR_TOLERANCE",
+        ("tests/test_duplicates.py::test_colour_pictures_edited_as_duplicates_are_still_confirmed",),
+    ),
 ]
 
 
