@@ -252,7 +252,9 @@ MUTATIONS = [
         "components/duplicates.py",
         "    ok = colours_agree(a, b)\n",
         "    ok = np.ones(len(pairs), dtype=bool)\n",
-        ("tests/test_duplicates.py::test_pictures_alike_in_gray_but_not_in_colour_are_similar_not_duplicates",),
+        (
+            "tests/test_duplicates.py::test_pictures_alike_in_gray_but_not_in_colour_are_similar_not_duplicates",
+        ),
     ),
     Mutation(
         "duplicates: no brightness allowance in the colour check",
