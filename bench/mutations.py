@@ -171,7 +171,8 @@ MUTATIONS = [
     Mutation(
         "duplicates: small crops beyond the hash search not looked for",
         "components/duplicates.py",
-        "    far = _crop_candidates(hashes, paths, sizes, crop_distance, max_pixels, thumbs, row)",
+        "    far = _thumbnail_candidates(hashes, paths, sizes, crop_distance, threshold, max_pixels, "
+        "thumbs, row)",
         "    far = (np.empty((0, 2), dtype=np.int64), np.empty(0, dtype=np.float32))",
         ("tests/test_duplicates.py",),
     ),
@@ -246,6 +247,21 @@ MUTATIONS = [
         "if best < 0 and excess(best) > 0:",
         "if False:",
         ("tests/test_metrics.py::test_temperature_sharpens_only_up_to_the_rule_of_succession_accuracy",),
+    ),
+    Mutation(
+        "duplicates: images of one size paired by thumbnails ignore brightness and contrast",
+        "components/duplicates.py",
+        "        if one_size and not tones_agree(tone(raw[0]), tone(raw[1])):",
+        "        if False:",
+        ("tests/test_duplicates.py::test_reencoded_symmetric_drawings_are_found_beyond_the_hash_search",),
+    ),
+    Mutation(
+        "duplicates: images of one size not paired by thumbnails",
+        "components/duplicates.py",
+        "            & (shapes[None] - shapes[:, None] <= CROP_FRACTION * shapes[None]).all(-1)\n",
+        "            & (shapes[None] - shapes[:, None] <= CROP_FRACTION * shapes[None]).all(-1)\n"
+        "            & (shapes[:, None] != shapes[None]).any(-1)\n",
+        ("tests/test_duplicates.py::test_reencoded_symmetric_drawings_are_found_beyond_the_hash_search",),
     ),
     Mutation(
         "duplicates: colour is not checked",

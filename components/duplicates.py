@@ -20,7 +20,9 @@ too, and are confirmed when resampling one to the other's exact size with a comm
 reproduces it, or when one is a crop of the other pixel for pixel (closest_window) that also
 passes the thumbnail check. A crop of a small picture that fills its frame can move its hash
 beyond any searched distance, so small images of sizes that could be crops of one another are
-also paired by their nearest thumbnails (_crop_candidates) for that crop check.
+also paired by their nearest thumbnails (_thumbnail_candidates) for that crop check; so are small
+images of one size (at least ALIGN_MIN_SIDE px), since re-encoding a mirror-symmetric drawing
+moves its hash as far.
 
 A 16 px thumbnail of a small image blurs away what tells two drawings of one simple shape apart
 (two handwritten 1s at one slant), so every confirmed pair of small images is also compared at
@@ -292,8 +294,9 @@ def _confirm(
     way (a resize or a crop thumbnails differently from its original). Of the pairs within
     crop_distance bits left, the closest MAX_ALIGNED pairs of larger images get the aligned
     comparison (_confirm_crops), and the closest MAX_ALIGNED pairs of small images of two sizes
-    the resampled and crop comparisons (_confirm_small); so do, crop comparison only, the pairs
-    of small images beyond crop_distance bits that _crop_candidates finds by their thumbnails.
+    the resampled and crop comparisons (_confirm_small); so do, crop comparison only (for a pair
+    of one size: its noise ratio, tones and thumbnails), the pairs of small images beyond
+    crop_distance bits that _thumbnail_candidates finds by their thumbnails.
     Last, a pair confirmed any of these ways whose colours do not agree (_check_colours) is
     unconfirmed after all. Unconfirmed pairs are those within max_distance bits, and those that
     failed on colour.
@@ -339,7 +342,7 @@ def _confirm(
         resized = _closest(resized, (pairs[try_small], dist[try_small]), MAX_ALIGNED)
     crop_pairs, crop_dist = _confirm_crops(*crops, paths, max_pixels)
     hashed = _confirm_small(resized[0], paths, max_pixels, natives, threshold, resizes=True)
-    far = _crop_candidates(hashes, paths, sizes, crop_distance, max_pixels, thumbs, row)
+    far = _thumbnail_candidates(hashes, paths, sizes, crop_distance, threshold, max_pixels, thumbs, row)
     unhashed = _confirm_small(far[0], paths, max_pixels, natives, threshold, resizes=False)
     small_pairs, small_dist, small_ratio = (np.concatenate(x) for x in zip(hashed, unhashed, strict=True))
     confirmed = np.concatenate([*kept[0], crop_pairs, small_pairs])
@@ -372,34 +375,39 @@ def _check_colours(
     return *(m[ok] for m in measured), *failed
 
 
-def _crop_candidates(
+def _thumbnail_candidates(
     hashes: np.ndarray,
     paths: list[str],
     sizes: np.ndarray,
     crop_distance: int,
+    threshold: float,
     max_pixels: int,
     thumbs: np.ndarray,
     row: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Pairs of small images (at most RESIZE_MAX_SIDE px) that the hash search leaves out although
-    one could be a crop of the other (smaller by at most CROP_FRACTION of each axis): a 1 px crop
-    of a 28 px picture can move 20 hash bits. Each image of a size is paired with its
-    CROP_NEIGHBOURS nearest thumbnails among the images of each size it fits in, groups with the
-    fewest comparisons first, at most MAX_CROP_SEARCH comparisons in all; pairs within
-    crop_distance bits are dropped (the hash search has them). (pairs, their pixel distances),
-    the closest MAX_ALIGNED. `thumbs` holds the thumbnails decoded so far, item i's at row[i]
-    (-1: not decoded); only the others are decoded here."""
+    one could be a crop of the other (smaller by at most CROP_FRACTION of each axis), or, of one
+    size at least ALIGN_MIN_SIDE px, a re-encoding of it: a 1 px crop of a 28 px picture can move
+    20 hash bits, and so can a JPEG at quality 90 of a mirror-symmetric drawing (half its low DCT
+    coefficients are zero, so their bits flip with any noise). Each image of a size is paired
+    with its CROP_NEIGHBOURS nearest thumbnails among the images of each size it fits in (its
+    own size included), groups with the fewest comparisons first, at most MAX_CROP_SEARCH
+    comparisons in all; pairs within crop_distance bits are dropped (the hash search has them),
+    and so are pairs of one size beyond `threshold` in pixel distance (they cannot be confirmed).
+    (pairs, their pixel distances), the closest MAX_ALIGNED. `thumbs` holds the thumbnails
+    decoded so far, item i's at row[i] (-1: not decoded); only the others are decoded here."""
     none = (np.empty((0, 2), dtype=np.int64), np.empty(0, dtype=np.float32))
     small = np.flatnonzero(sizes.max(axis=1) <= RESIZE_MAX_SIDE)
     shapes, group = np.unique(sizes[small], axis=0, return_inverse=True)
     group = group.ravel()
     counts = np.bincount(group, minlength=len(shapes))
+    one_size = (shapes[:, None] == shapes[None]).all(-1)
     work = sorted(
         (int(counts[s] * counts[big]), s, big)
         for s, big in np.argwhere(
             (shapes[:, None] <= shapes[None]).all(-1)
             & (shapes[None] - shapes[:, None] <= CROP_FRACTION * shapes[None]).all(-1)
-            & (shapes[:, None] != shapes[None]).any(-1)
+            & (~one_size | (shapes.min(axis=1) >= ALIGN_MIN_SIDE)[:, None])
         ).tolist()
     )
     spent = np.cumsum([w[0] for w in work])
@@ -416,17 +424,28 @@ def _crop_candidates(
     for _, s, big in work:
         queries, refs = small[group == s], small[group == big]
         q, r = thumbs[row[queries]], thumbs[row[refs]]
-        keep, block = min(CROP_NEIGHBOURS, len(refs)), max(1, 4_000_000 // len(refs))
-        for k in range(0, len(q), block):
+        keep, block = min(CROP_NEIGHBOURS, len(refs) - (s == big)), max(1, 4_000_000 // len(refs))
+        for k in range(0, len(q) if keep else 0, block):
             qk = q[k : k + block]
             d = (qk * qk).sum(axis=1)[:, None] + (r * r).sum(axis=1)[None] - 2.0 * qk @ r.T  # squared
+            if s == big:  # one size: an image is not its own neighbour
+                d[np.arange(len(qk)), k + np.arange(len(qk))] = np.inf
             near = np.argpartition(d, keep - 1, axis=1)[:, :keep]
             found.append(np.stack([np.repeat(queries[k : k + block], keep), refs[near.ravel()]], axis=1))
             squared.append(np.take_along_axis(d, near, axis=1).ravel())
-    pairs, squared = np.sort(np.concatenate(found), axis=1), np.concatenate(squared)
-    apart = popcount(hashes[pairs[:, 0]] ^ hashes[pairs[:, 1]]) > crop_distance
-    pairs = _closest(none, (pairs[apart], squared[apart].astype(np.float32)), MAX_ALIGNED)[0]
-    return pairs, pixel_distance(thumbs[row[pairs[:, 0]]], thumbs[row[pairs[:, 1]]]).astype(np.float32)
+    if not found:
+        return none
+    pairs, first = np.unique(np.sort(np.concatenate(found), axis=1), axis=0, return_index=True)
+    squared = np.concatenate(squared)[first]  # one size: each pair may be found from both ends
+    dist = pixel_distance(thumbs[row[pairs[:, 0]]], thumbs[row[pairs[:, 1]]]).astype(np.float32)
+    same = (sizes[pairs[:, 0]] == sizes[pairs[:, 1]]).all(axis=1)
+    keep = (popcount(hashes[pairs[:, 0]] ^ hashes[pairs[:, 1]]) > crop_distance) & (
+        ~same | (dist <= threshold)
+    )
+    pairs, _, dist = _closest(
+        none + (none[1],), (pairs[keep], squared[keep].astype(np.float32), dist[keep]), MAX_ALIGNED
+    )
+    return pairs, dist
 
 
 def _noise_ratios(
@@ -462,12 +481,13 @@ def _noise_ratios(
 def _confirm_small(
     pairs: np.ndarray, paths: list[str], max_pixels: int, natives: dict, threshold: float, resizes: bool
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The pairs of small images of different sizes (their pixel distances, their noise ratios) in
-    which one is a resize of the other (resampled_distance within RESAMPLED_DISTANCE, which is then
-    the pixel distance; only when `resizes`) or a crop of it: noise_ratio within NOISE_RATIO, and
-    the smaller image and that window of the larger within `threshold` as thumbnails, the pixel
-    distance then (noise alone does not tell two grainy near-flat patches apart, nor do
-    thumbnails two handwritten 1s)."""
+    """The pairs of small images (their pixel distances, their noise ratios) in which one is a
+    resize of the other (resampled_distance within RESAMPLED_DISTANCE, which is then the pixel
+    distance; only when `resizes`, for pairs of different sizes) or a crop of it, or for a pair of
+    one size a copy of it: noise_ratio within NOISE_RATIO, and the smaller image and that window
+    of the larger (the other image itself when of one size) agreeing in raw brightness and
+    contrast and within `threshold` as thumbnails, the pixel distance then (noise alone does not
+    tell two grainy near-flat patches apart, nor do thumbnails two handwritten 1s)."""
     ratio = _noise_ratios(pairs, paths, max_pixels, natives)  # decodes every image of `pairs`
     resize, dist = np.zeros(len(pairs), dtype=bool), np.full(len(pairs), np.inf, dtype=np.float32)
     if resizes:
@@ -477,7 +497,11 @@ def _confirm_small(
         dist[resize] = resampled[resize]
     for k in np.flatnonzero(~resize & (ratio <= NOISE_RATIO)).tolist():
         _, small, window = closest_window(natives[pairs[k, 0]], natives[pairs[k, 1]])
-        views = _standardize(np.stack([raw_thumbnail(Image.fromarray(x)) for x in (small, window)]))
+        raw = np.stack([raw_thumbnail(Image.fromarray(x)) for x in (small, window)])
+        one_size = natives[pairs[k, 0]][0].shape == natives[pairs[k, 1]][0].shape
+        if one_size and not tones_agree(tone(raw[0]), tone(raw[1])):
+            continue  # closest_window compares tones only for the windows of a larger image
+        views = _standardize(raw)
         dist[k] = pixel_distance(views[0], views[1])
     ok = resize | ((ratio <= NOISE_RATIO) & (dist <= threshold))
     return pairs[ok], dist[ok], ratio[ok]
@@ -547,7 +571,7 @@ def find_duplicates(
     (_confirm_crops), the pixel distance then being the aligned one. Pairs of small images are
     confirmed only within NOISE_RATIO noise floors at their own resolution (noise_ratio, recorded
     with each pair); those of different sizes may also be confirmed as a crop (by the noise ratio
-    and the thumbnails of the matching window, even beyond crop_distance bits: _crop_candidates)
+    and the thumbnails of the matching window, even beyond crop_distance bits: _thumbnail_candidates)
     or a resize (by a resampled comparison), the pixel distance then being the window's or the
     resampled one. However confirmed, the two images' colours must agree too (colours_agree; the
     colour distance is recorded with each pair that got that far). Near groups are the connected

@@ -423,3 +423,49 @@ def test_small_crops_beyond_the_hash_search_are_found_by_their_thumbnails(tmp_pa
     near = {tuple(sorted(Path(p).name for p in g["paths"])) for g in found if g["kind"] == "near"}
     assert near == {(f"{k:03d}.png", f"crop{k:03d}.png") for k, _ in far}
     assert sorted(x["path"] for x in leakage(found, frame)) == sorted(str(p) for _, p in far)
+
+
+def _symmetric_drawing(seed: int, size: int = 64) -> Image.Image:
+    """Three flat-coloured ellipses centred on the vertical axis, on white: a mirror-symmetric
+    drawing, like many icons and emoji."""
+    from PIL import ImageDraw
+
+    rng = np.random.default_rng(seed)
+    img = Image.new("RGB", (size, size), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    for _ in range(3):
+        top, half, height = (int(v) for v in (rng.integers(4, size // 2), rng.integers(6, size // 2 - 2),
+                                              rng.integers(12, size // 2)))  # fmt: skip
+        colour = tuple(int(v) for v in rng.integers(0, 256, 3))
+        draw.ellipse((size // 2 - half, top, size // 2 + half - 1, top + height), fill=colour)
+    return img
+
+
+def test_reencoded_symmetric_drawings_are_found_beyond_the_hash_search(tmp_path):
+    """A mirror-symmetric picture has half of its low DCT coefficients at zero, so a JPEG or WebP
+    re-encoding at quality 90 flips many pHash bits, beyond what the hash search pairs. Each copy
+    (in the test split) still joins its original through the nearest thumbnails among images of
+    its size. The 20 distinct drawings are never confirmed with one another, nor with copies of
+    them at 60 % brightness, which thumbnail and noise ratio alone would not tell apart."""
+    originals = [_symmetric_drawing(seed) for seed in range(20)]
+    paths = [_save(img, tmp_path / f"{k:02d}.png") for k, img in enumerate(originals)]
+    far = []
+    for k, img in enumerate(originals[:10]):
+        copy = _save(img, tmp_path / f"{k:02d}_copy.{'jpg' if k % 2 else 'webp'}", quality=90)
+        bits = bin(
+            int(duplicates.perceptual_hash(img), 16) ^ int(duplicates.perceptual_hash(load_image(copy)), 16)
+        )
+        if bits.count("1") > duplicates.CROP_DISTANCE:
+            far.append((k, copy))
+    assert len(far) >= 8  # beyond what the hash search pairs
+    darker = [  # the same shapes at 60 % brightness: not an edit a duplicate survives
+        _save(Image.eval(img, lambda v: v * 3 // 5), tmp_path / f"{k:02d}_dark.jpg", quality=90)
+        for k, img in enumerate(originals[10:], start=10)
+    ]
+    extra = [p for _, p in far] + darker
+    frame = _frame(paths + extra, ["icon"] * (20 + len(extra)), ["train"] * 20 + ["test"] * len(extra))
+
+    found = find_duplicates(frame, max_distance=6)
+    near = {tuple(sorted(Path(p).name for p in g["paths"])) for g in found if g["kind"] == "near"}
+    assert near == {tuple(sorted((f"{k:02d}.png", p.name))) for k, p in far}
+    assert sorted(x["path"] for x in leakage(found, frame)) == sorted(str(p) for _, p in far)
