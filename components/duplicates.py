@@ -571,14 +571,14 @@ def find_duplicates(
     (_confirm_crops), the pixel distance then being the aligned one. Pairs of small images are
     confirmed only within NOISE_RATIO noise floors at their own resolution (noise_ratio, recorded
     with each pair); those of different sizes may also be confirmed as a crop (by the noise ratio
-    and the thumbnails of the matching window, even beyond crop_distance bits: _thumbnail_candidates)
-    or a resize (by a resampled comparison), the pixel distance then being the window's or the
-    resampled one. However confirmed, the two images' colours must agree too (colours_agree; the
-    colour distance is recorded with each pair that got that far). Near groups are the connected
-    components of confirmed pairs that join different files' contents, with every file of each
-    content; candidates that fail confirmation come back one pair per
-    "similar" entry, closest first (at most MAX_SIMILAR), unless a near group already holds both
-    images.
+    and the thumbnails of the matching window) or a resize (by a resampled comparison), the pixel
+    distance then being the window's or the resampled one, and crops and pairs of one size (at
+    least ALIGN_MIN_SIDE px) are looked for beyond crop_distance bits too (_thumbnail_candidates).
+    However confirmed, the two images' colours must agree too (colours_agree; the colour distance
+    is recorded with each pair that got that far). Near groups are the connected components of
+    confirmed pairs that join different files' contents, with every file of each content;
+    candidates that fail confirmation come back one pair per "similar" entry, closest first (at
+    most MAX_SIMILAR), unless a near group already holds both images.
     """
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components

@@ -57,7 +57,8 @@ def _duplicates_markdown(report: dict, max_rows: int) -> list[str]:
     lines.append(
         "Exact: same SHA-256. Near: perceptual hashes within "
         f"{report['thresholds']['near_duplicate_distance']} bits ({CROP_DISTANCE} for images of "
-        f"{ALIGN_MIN_SIDE} px or more, and for pairs of different sizes up to {RESIZE_MAX_SIDE} px), "
+        f"{ALIGN_MIN_SIDE} px or more, and for pairs of different sizes up to {RESIZE_MAX_SIDE} px; "
+        f"images up to {RESIZE_MAX_SIDE} px are also paired by their nearest thumbnails), "
         f"confirmed by a pixel distance ≤ {report['thresholds']['near_duplicate_pixel_distance']:g} "
         "(validate.near_duplicate_pixel_distance) or, for a crop, by an aligned comparison, or, for a "
         "resize, by a resampled one; raw brightness and contrast must agree too, and so must the colour "
