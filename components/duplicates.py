@@ -76,6 +76,14 @@ RESAMPLED_DISTANCE = 0.04  # confirmation cut for a reproduced resize (same unit
 NATIVE_BLOCK = 4096  # same-size pairs whose native views are compared at once
 PAIRS_PER_GROUP = 50  # confirmed pairs listed per near group, weakest first
 MAX_SIMILAR = 200  # unconfirmed candidate pairs reported, closest first
+UNCONFIRMED_BY = (  # the first check an unconfirmed pair failed, by code (0: none recorded)
+    None,
+    "pixel distance",
+    "brightness or contrast",
+    "sizes: neither a resize nor a crop",
+    "noise ratio",
+    "colour",
+)
 COLOUR_GRID = 2  # colour is compared per cell of a COLOUR_GRID × COLOUR_GRID split of the image
 COLOUR_TOLERANCE = 0.04  # chroma a cell's channel may move (white = 1), plus COLOUR_GAIN of it:
 COLOUR_GAIN = 0.1  # a brightness change of ±10 % scales chroma as much
@@ -283,8 +291,9 @@ def _confirm(
     max_pixels: int,
 ) -> tuple[np.ndarray, ...]:
     """(confirmed pairs, their pixel distances, noise ratios and colour distances; the closest
-    unconfirmed pairs, their distances, noise ratios and colour distances). A noise ratio or a
-    colour distance is NaN where it was not measured.
+    unconfirmed pairs, their distances, noise ratios, colour distances and the first check each
+    failed, a code of UNCONFIRMED_BY). A noise ratio or a colour distance is NaN where it was not
+    measured.
 
     Candidates are item pairs within max(max_distance, crop_distance) hash bits; only the images
     in some candidate pair are decoded (sizes: each item's width and height). A pair within
@@ -315,7 +324,7 @@ def _confirm(
     natives: dict[int, tuple[np.ndarray, float]] = {}  # native views of small images, decoded once
     kept = [[np.empty((0, 2), dtype=np.int64)], [np.empty(0, dtype=np.float32)], [np.empty(0, np.float32)]]
     crops = resized = (np.empty((0, 2), dtype=np.int64), np.empty(0, dtype=np.float32))
-    failed = (*crops, np.empty(0, dtype=np.float32), np.empty(0, dtype=np.float32))
+    failed = (*crops, np.empty(0, dtype=np.float32), np.empty(0, dtype=np.float32), np.empty(0, np.int8))
     for pairs in member_pairs(inverse, value_pairs):
         a, b = pairs[:, 0], pairs[:, 1]
         dist = pixel_distance(thumbs[row[a]], thumbs[row[b]])
@@ -323,7 +332,8 @@ def _confirm(
         big = (short[a] >= ALIGN_MIN_SIDE) & (short[b] >= ALIGN_MIN_SIDE)
         small = np.maximum(long[a], long[b]) <= RESIZE_MAX_SIDE
         same = (sizes[a] == sizes[b]).all(axis=1)
-        ok = (dist <= threshold) & tones_agree(tones[row[a]], tones[row[b]])
+        toned = tones_agree(tones[row[a]], tones[row[b]])
+        ok = (dist <= threshold) & toned
         ok &= (bits <= max_distance) | (big & (bits <= crop_distance))
         ok &= ~small | same  # small images of two sizes: a resize or a crop, decided on a second look
         ratio = np.full(len(pairs), np.nan, dtype=np.float32)
@@ -335,7 +345,9 @@ def _confirm(
             into.append(part)
         fail = ~ok & (bits <= max_distance)
         unmeasured = np.full(int(fail.sum()), np.nan, dtype=np.float32)
-        failed = _closest(failed, (pairs[fail], dist[fail], ratio[fail], unmeasured), 10 * MAX_SIMILAR)
+        checks = [dist > threshold, ~toned, small & ~same, small & (ratio > NOISE_RATIO)]
+        by = np.select(checks, [1, 2, 3, 4], 0).astype(np.int8)[fail]  # codes of UNCONFIRMED_BY
+        failed = _closest(failed, (pairs[fail], dist[fail], ratio[fail], unmeasured, by), 10 * MAX_SIMILAR)
         try_crop = ~ok & (bits <= crop_distance) & big & ~small
         crops = _closest(crops, (pairs[try_crop], dist[try_crop]), MAX_ALIGNED)
         try_small = ~ok & (bits <= crop_distance) & small & ~same
@@ -360,9 +372,9 @@ def _check_colours(
     confirmed: tuple[np.ndarray, ...], failed: tuple[np.ndarray, ...], paths: list[str], max_pixels: int
 ) -> tuple[np.ndarray, ...]:
     """_confirm's answer from its confirmed (pairs, distances, noise ratios) and unconfirmed
-    (the same and colour distances) pairs: each confirmed pair's colour distance is measured, and
-    those whose colours do not agree (colours_agree) join the unconfirmed ones, at most
-    10 × MAX_SIMILAR of which are kept, closest first."""
+    (the same, colour distances and UNCONFIRMED_BY codes) pairs: each confirmed pair's colour
+    distance is measured, and those whose colours do not agree (colours_agree) join the
+    unconfirmed ones, at most 10 × MAX_SIMILAR of which are kept, closest first."""
     pairs = confirmed[0]
     ids, slot = np.unique(pairs, return_inverse=True)
     slot = slot.reshape(-1, 2)
@@ -371,7 +383,8 @@ def _check_colours(
     a, b = views[slot[:, 0]], views[slot[:, 1]]
     measured = (*confirmed, colour_distance(a, b).astype(np.float32))
     ok = colours_agree(a, b)
-    failed = _closest(failed, tuple(m[~ok] for m in measured), 10 * MAX_SIMILAR)
+    by_colour = np.full(int((~ok).sum()), UNCONFIRMED_BY.index("colour"), dtype=np.int8)
+    failed = _closest(failed, (*(m[~ok] for m in measured), by_colour), 10 * MAX_SIMILAR)
     return *(m[ok] for m in measured), *failed
 
 
@@ -539,11 +552,21 @@ def _confirm_crops(
 
 
 def _pair_record(
-    frame: pd.DataFrame, i: int, j: int, hashes: np.ndarray, dist: float, ratio: float, colour: float
+    frame: pd.DataFrame,
+    i: int,
+    j: int,
+    hashes: np.ndarray,
+    dist: float,
+    ratio: float,
+    colour: float,
+    unconfirmed_by: int | None = None,
 ) -> dict:
     """One pair as the report lists it; noise_ratio is None where it was not measured (large images)
-    or does not apply (a resize), colour_distance where it was not measured (the pixels differed)."""
+    or does not apply (a resize), colour_distance where it was not measured (the pixels differed).
+    A similar pair also names the first check it failed (`unconfirmed_by`, a code of
+    UNCONFIRMED_BY)."""
     rows = frame.iloc[[i, j]]
+    extra = {} if unconfirmed_by is None else {"unconfirmed_by": UNCONFIRMED_BY[unconfirmed_by]}
     return {
         "paths": rows["path"].tolist(),
         "labels": rows["label"].tolist(),
@@ -552,6 +575,7 @@ def _pair_record(
         "pixel_distance": round(float(dist), 4),
         "noise_ratio": round(float(ratio), 3) if np.isfinite(ratio) else None,
         "colour_distance": round(float(colour), 4) if np.isfinite(colour) else None,
+        **extra,
     }
 
 
@@ -608,7 +632,7 @@ def find_duplicates(
         sizes = frame[["width", "height"]].to_numpy()[reps]
     else:  # sizes unknown: every image is taken as large (a pair may be a crop, not a resize)
         sizes = np.full((len(reps), 2), RESIZE_MAX_SIDE + 1)
-    confirmed, dist, ratio, colour, unconfirmed, udist, uratio, ucolour = _confirm(
+    confirmed, dist, ratio, colour, unconfirmed, udist, uratio, ucolour, uby = _confirm(
         hashes[reps], [paths[i] for i in reps], sizes, max_distance, crop_distance, threshold, max_pixels
     )
     n = len(reps)
@@ -629,7 +653,7 @@ def find_duplicates(
         group["pairs"] = [_pair_record(frame, reps[a], reps[b], hashes, *m) for m, a, b in weakest]
         found.append(group)
     apart = component[unconfirmed[:, 0]] != component[unconfirmed[:, 1]]
-    similar = zip(*(u[apart].tolist() for u in (unconfirmed, udist, uratio, ucolour)), strict=True)
+    similar = zip(*(u[apart].tolist() for u in (unconfirmed, udist, uratio, ucolour, uby)), strict=True)
     for (a, b), *measures in list(similar)[:MAX_SIMILAR]:
         i, j = int(reps[a]), int(reps[b])
         found.append({**describe([i, j], "similar"), "pairs": [_pair_record(frame, i, j, hashes, *measures)]})
@@ -657,7 +681,8 @@ def leakage(duplicates: list[dict], frame: pd.DataFrame) -> list[dict]:
 def pair_thumbnails(groups: list[dict], path: Path, title: str, limit: int = 24) -> Path | None:
     """One PNG of image pairs side by side (three pairs a row), captioned with labels, splits,
     hash distance, pixel distance, noise ratio (where measured) and, for a similar pair that
-    failed on colour alone, its colour distance; None when the groups hold no pairs."""
+    failed on colour alone, its colour distance, or on tones or sizes, that; None when the groups
+    hold no pairs."""
     pairs = [(g["kind"], p) for g in groups for p in g.get("pairs", ())][:limit]
     if not pairs:
         return None
@@ -667,10 +692,15 @@ def pair_thumbnails(groups: list[dict], path: Path, title: str, limit: int = 24)
     for kind, p in pairs:
         files += p["paths"]
         colour = p.get("colour_distance") if kind == "similar" else None
+        unshown = {
+            "brightness or contrast": ", tones differ",
+            "sizes: neither a resize nor a crop": ", sizes",
+        }
         titles += [
             f"{p['labels'][0]} / {p['splits'][0]}\nhash {p['phash_distance']} bits",
             f"{p['labels'][1]} / {p['splits'][1]}\npixel {p['pixel_distance']:.3f}"
             + ("" if p.get("noise_ratio") is None else f", noise {p['noise_ratio']:.2f}")
-            + ("" if colour is None else f", colour {colour:.2f}"),
+            + ("" if colour is None else f", colour {colour:.2f}")
+            + unshown.get(p.get("unconfirmed_by"), ""),
         ]
     return image_grid(files, titles, title, path)

@@ -109,11 +109,13 @@ def _duplicates_markdown(report: dict, max_rows: int) -> list[str]:
             f"{pair['pixel_distance']:.3f}",
             "—" if pair.get("noise_ratio") is None else f"{pair['noise_ratio']:.2f}",
             "—" if pair.get("colour_distance") is None else f"{pair['colour_distance']:.3f}",
+            pair.get("unconfirmed_by") or "—",
         ]
         for d in similar[:max_rows]
         for pair in d["pairs"]
     ]
     header = ["files", "labels", "splits", "hash bits", "pixel distance", "noise ratio", "colour distance"]
+    header.append("failed check")
     return lines + _table(header, rows)
 
 

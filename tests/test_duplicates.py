@@ -92,6 +92,7 @@ def test_distinct_images_with_equal_hashes_are_similar_not_near_and_not_leakage(
     assert [g["kind"] for g in found] == ["similar"]
     pair = found[0]["pairs"][0]
     assert pair["phash_distance"] == 0 and pair["pixel_distance"] > duplicates.PIXEL_DISTANCE
+    assert pair["unconfirmed_by"] == "pixel distance"
     assert found[0]["conflicting_labels"] and found[0]["crosses_splits"]
     assert leakage(found, frame) == []
     png = pair_thumbnails(found, tmp_path / "pairs.png", "similar pairs")
@@ -246,6 +247,7 @@ def test_blank_images_of_different_brightness_are_not_duplicates(tmp_path):
     frame = _frame(paths, ["night", "fog", "snow"], ["train", "val", "test"])
     found = find_duplicates(frame, max_distance=6)
     assert {g["kind"] for g in found} == {"similar"} and leakage(found, frame) == []
+    assert {g["pairs"][0]["unconfirmed_by"] for g in found} == {"brightness or contrast"}
     brighter = _save(Image.new("RGB", (32, 32), (140, 140, 140)), tmp_path / "140.png")  # +5 %: an edit
     found = find_duplicates(_frame([paths[1], brighter], ["fog", "fog"], ["train", "test"]), max_distance=6)
     assert [g["kind"] for g in found] == ["near"]
@@ -293,6 +295,7 @@ def test_pictures_alike_in_gray_but_not_in_colour_are_similar_not_duplicates(tmp
         (pair,) = g["pairs"]
         assert pair["pixel_distance"] <= duplicates.PIXEL_DISTANCE  # gray levels alone would confirm it
         assert pair["colour_distance"] > 3 * duplicates.COLOUR_TOLERANCE
+        assert pair["unconfirmed_by"] == "colour"
     png = pair_thumbnails(found, tmp_path / "pairs.png", "similar pairs")
     assert png is not None and png.stat().st_size > 0
 
@@ -362,6 +365,7 @@ def test_distinct_handwritten_digits_are_not_confirmed_though_their_thumbnails_m
     measured = [p["noise_ratio"] for p in alike if p["noise_ratio"] is not None]  # pairs of one size
     assert len(measured) >= 20  # what the thumbnails alone would have confirmed
     assert min(measured) > duplicates.NOISE_RATIO
+    assert {p["unconfirmed_by"] for p in alike if p["noise_ratio"] is not None} == {"noise ratio"}
 
 
 def test_edited_copies_of_handwritten_digits_are_confirmed(tmp_path):
