@@ -84,6 +84,10 @@ UNCONFIRMED_BY = (  # the first check an unconfirmed pair failed, by code (0: no
     "noise ratio",
     "colour",
 )
+UNSHOWN_FAILURE = {  # a similar pair's caption names the failed checks its figures do not show
+    UNCONFIRMED_BY[2]: ", tones differ",
+    UNCONFIRMED_BY[3]: ", sizes",
+}
 COLOUR_GRID = 2  # colour is compared per cell of a COLOUR_GRID × COLOUR_GRID split of the image
 COLOUR_TOLERANCE = 0.04  # chroma a cell's channel may move (white = 1), plus COLOUR_GAIN of it:
 COLOUR_GAIN = 0.1  # a brightness change of ±10 % scales chroma as much
@@ -692,15 +696,11 @@ def pair_thumbnails(groups: list[dict], path: Path, title: str, limit: int = 24)
     for kind, p in pairs:
         files += p["paths"]
         colour = p.get("colour_distance") if kind == "similar" else None
-        unshown = {
-            "brightness or contrast": ", tones differ",
-            "sizes: neither a resize nor a crop": ", sizes",
-        }
         titles += [
             f"{p['labels'][0]} / {p['splits'][0]}\nhash {p['phash_distance']} bits",
             f"{p['labels'][1]} / {p['splits'][1]}\npixel {p['pixel_distance']:.3f}"
             + ("" if p.get("noise_ratio") is None else f", noise {p['noise_ratio']:.2f}")
             + ("" if colour is None else f", colour {colour:.2f}")
-            + unshown.get(p.get("unconfirmed_by"), ""),
+            + UNSHOWN_FAILURE.get(p.get("unconfirmed_by"), ""),
         ]
     return image_grid(files, titles, title, path)

@@ -114,9 +114,8 @@ def _duplicates_markdown(report: dict, max_rows: int) -> list[str]:
         for d in similar[:max_rows]
         for pair in d["pairs"]
     ]
-    header = ["files", "labels", "splits", "hash bits", "pixel distance", "noise ratio", "colour distance"]
-    header.append("failed check")
-    return lines + _table(header, rows)
+    header = ["files", "labels", "splits", "hash bits", "pixel distance"]
+    return lines + _table([*header, "noise ratio", "colour distance", "failed check"], rows)
 
 
 def _audit_markdown(audit: dict, issues: list[dict], max_rows: int) -> list[str]:
