@@ -39,6 +39,7 @@ AUDIT_SIZE = {
     "fashion": 64,
     "animals": 64,
     "emoji": 64,
+    "clipart": 224,
 }  # as auto picks
 
 

@@ -7,7 +7,10 @@ each standardized to zero mean and unit contrast, mean absolute difference) and 
 and contrast that agree (standardizing alone makes a black and a white blank image equal); pairs
 that fail are reported as "similar" and never count as leakage. Every check but the last looks at
 gray levels, so a confirmed pair must finally agree in colour too (colours_agree): a red and a
-blue circle, or the flags of Italy and Peru, are one picture in gray.
+blue circle, or the flags of Italy and Peru, are one picture in gray. A 16 px thumbnail also
+averages away a small part that differs: icon sets and clip art draw many pictures on one
+template (a road sign's triangle with another symbol inside), so a confirmed pair of larger
+images must also agree in every cell of finer, aligned views (detail_distance).
 
 Two kinds of pair get a second look. Pairs of images at least ALIGN_MIN_SIDE px are candidates
 within CROP_DISTANCE bits (re-encoding moves more hash bits there, while different pictures rarely
@@ -83,6 +86,7 @@ UNCONFIRMED_BY = (  # the first check an unconfirmed pair failed, by code (0: no
     "sizes: neither a resize nor a crop",
     "noise ratio",
     "colour",
+    "detail",
 )
 UNSHOWN_FAILURE = {  # a similar pair's caption names the failed checks its figures do not show
     UNCONFIRMED_BY[2]: ", tones differ",
@@ -91,6 +95,11 @@ UNSHOWN_FAILURE = {  # a similar pair's caption names the failed checks its figu
 COLOUR_GRID = 2  # colour is compared per cell of a COLOUR_GRID × COLOUR_GRID split of the image
 COLOUR_TOLERANCE = 0.04  # chroma a cell's channel may move (white = 1), plus COLOUR_GAIN of it:
 COLOUR_GAIN = 0.1  # a brightness change of ±10 % scales chroma as much
+DETAIL = 32  # px: side of the detail views that pairs of larger images are compared in, cell by cell
+DETAIL_CELL = 8  # px: side of a cell of a detail view (4 × 4 cells)
+DETAIL_DISTANCE = 0.2  # the most any cell of two aligned detail views may differ (standardized MAD)
+DETAIL_CROP = 0.05  # the most of each axis the aligned detail search takes off, from either end or both
+DETAIL_STEP = 0.005  # its step, as a fraction of the axis
 
 
 def perceptual_hash(img: Image.Image) -> str:
@@ -143,6 +152,70 @@ def colours_agree(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     bound); a recoloured picture does not."""
     allow = COLOUR_TOLERANCE + COLOUR_GAIN * np.maximum(np.abs(a), np.abs(b))
     return (np.abs(a - b) <= allow).all(axis=(-2, -1))
+
+
+def detail_source(img: Image.Image) -> Image.Image:
+    """What detail views are cut from: the image in grayscale, reduced to about 4 × DETAIL px a side."""
+    gray = img.convert("L")
+    factor = max(1, min(gray.size) // (4 * DETAIL))
+    return gray.reduce(factor) if factor > 1 else gray
+
+
+def detail_view(
+    source: Image.Image, span_x: tuple[float, float] = (0.0, 1.0), span_y: tuple[float, float] = (0.0, 1.0)
+) -> np.ndarray:
+    """DETAIL × DETAIL standardized view (flat float32) of the part of a detail_source that the
+    spans (fractions of each axis) keep."""
+    w, h = source.size
+    box = (span_x[0] * w, span_y[0] * h, span_x[1] * w, span_y[1] * h)
+    view = source.resize((DETAIL, DETAIL), Image.Resampling.BILINEAR, box=box)
+    return _standardize(np.asarray(view, dtype=np.float32).ravel() / 255.0)
+
+
+def cell_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Largest mean absolute difference of two detail views in any DETAIL_CELL × DETAIL_CELL cell."""
+    n = DETAIL // DETAIL_CELL
+    return float(np.abs(a - b).reshape(n, DETAIL_CELL, n, DETAIL_CELL).mean(axis=(1, 3)).max())
+
+
+def _detail_spans() -> list[tuple[float, float]]:
+    """The parts of an axis the aligned detail search tries: up to DETAIL_CROP off, in DETAIL_STEP steps."""
+    steps = round(DETAIL_CROP / DETAIL_STEP)
+    return [
+        (start * DETAIL_STEP, 1.0 - (off - start) * DETAIL_STEP)
+        for off in range(steps + 1)
+        for start in range(off + 1)
+    ]
+
+
+def detail_distance(a: Image.Image, b: Image.Image) -> float:
+    """How far two detail_sources differ in their most different cell (cell_distance), once aligned.
+
+    The whole views are compared first. When they differ by more than DETAIL_DISTANCE, each whole
+    view is also compared with the crop of the other image that matches it best (_aligned_detail).
+    """
+    whole_a, whole_b = detail_view(a), detail_view(b)
+    best = cell_distance(whole_a, whole_b)
+    if best <= DETAIL_DISTANCE:
+        return best
+    for whole, source in ((whole_a, b), (whole_b, a)):
+        best = min(best, cell_distance(whole, _aligned_detail(whole, source)))
+    return best
+
+
+def _aligned_detail(whole: np.ndarray, source: Image.Image) -> np.ndarray:
+    """The detail view of the crop of source that matches the detail view `whole` best: the part
+    kept of each axis is chosen from _detail_spans by mean absolute difference, x, then y, then x
+    again. A crop of a line drawing misaligned by half a pixel at this size differs as much as a
+    changed symbol does, so the search is fine where the thumbnails' crop views (crop_views) are
+    coarse."""
+    spans = _detail_spans()
+    kept = [(0.0, 1.0), (0.0, 1.0)]
+    for axis in (0, 1, 0):
+        trials = [[span if k == axis else kept[k] for k in (0, 1)] for span in spans]
+        mismatch = [float(np.abs(whole - detail_view(source, *trial)).mean()) for trial in trials]
+        kept = trials[int(np.argmin(mismatch))]
+    return detail_view(source, *kept)
 
 
 def _standardize(t: np.ndarray) -> np.ndarray:
@@ -294,10 +367,10 @@ def _confirm(
     threshold: float,
     max_pixels: int,
 ) -> tuple[np.ndarray, ...]:
-    """(confirmed pairs, their pixel distances, noise ratios and colour distances; the closest
-    unconfirmed pairs, their distances, noise ratios, colour distances and the first check each
-    failed, a code of UNCONFIRMED_BY). A noise ratio or a colour distance is NaN where it was not
-    measured.
+    """(confirmed pairs, their pixel distances, noise ratios, colour and detail distances; the
+    closest unconfirmed pairs, their distances, noise ratios, colour and detail distances and the
+    first check each failed, a code of UNCONFIRMED_BY). A noise ratio, a colour or a detail
+    distance is NaN where it was not measured.
 
     Candidates are item pairs within max(max_distance, crop_distance) hash bits; only the images
     in some candidate pair are decoded (sizes: each item's width and height). A pair within
@@ -310,9 +383,9 @@ def _confirm(
     the resampled and crop comparisons (_confirm_small); so do, crop comparison only (for a pair
     of one size: its noise ratio, tones and thumbnails), the pairs of small images beyond
     crop_distance bits that _thumbnail_candidates finds by their thumbnails.
-    Last, a pair confirmed any of these ways whose colours do not agree (_check_colours) is
-    unconfirmed after all. Unconfirmed pairs are those within max_distance bits, and those that
-    failed on colour.
+    Last, a pair confirmed any of these ways whose colours do not agree, or whose detail views
+    differ in some cell (_check_colours_and_details), is unconfirmed after all. Unconfirmed pairs
+    are those within max_distance bits, and those that failed on colour or detail.
     """
     values, inverse = np.unique(hashes, return_inverse=True)
     value_pairs = hash_pairs(values, max(max_distance, crop_distance))
@@ -328,7 +401,7 @@ def _confirm(
     natives: dict[int, tuple[np.ndarray, float]] = {}  # native views of small images, decoded once
     kept = [[np.empty((0, 2), dtype=np.int64)], [np.empty(0, dtype=np.float32)], [np.empty(0, np.float32)]]
     crops = resized = (np.empty((0, 2), dtype=np.int64), np.empty(0, dtype=np.float32))
-    failed = (*crops, np.empty(0, dtype=np.float32), np.empty(0, dtype=np.float32), np.empty(0, np.int8))
+    failed = (*crops, *(np.empty(0, dtype=np.float32),) * 3, np.empty(0, np.int8))
     for pairs in member_pairs(inverse, value_pairs):
         a, b = pairs[:, 0], pairs[:, 1]
         dist = pixel_distance(thumbs[row[a]], thumbs[row[b]])
@@ -351,7 +424,9 @@ def _confirm(
         unmeasured = np.full(int(fail.sum()), np.nan, dtype=np.float32)
         checks = [dist > threshold, ~toned, small & ~same, small & (ratio > NOISE_RATIO)]
         by = np.select(checks, [1, 2, 3, 4], 0).astype(np.int8)[fail]  # codes of UNCONFIRMED_BY
-        failed = _closest(failed, (pairs[fail], dist[fail], ratio[fail], unmeasured, by), 10 * MAX_SIMILAR)
+        failed = _closest(
+            failed, (pairs[fail], dist[fail], ratio[fail], unmeasured, unmeasured, by), 10 * MAX_SIMILAR
+        )
         try_crop = ~ok & (bits <= crop_distance) & big & ~small
         crops = _closest(crops, (pairs[try_crop], dist[try_crop]), MAX_ALIGNED)
         try_small = ~ok & (bits <= crop_distance) & small & ~same
@@ -369,26 +444,41 @@ def _confirm(
         n = len(hashes)
         again = np.isin(failed[0][:, 0] * n + failed[0][:, 1], rescued[:, 0] * n + rescued[:, 1])
         failed = tuple(f[~again] for f in failed)
-    return _check_colours((confirmed, dist, ratio), failed, paths, max_pixels)
+    return _check_colours_and_details((confirmed, dist, ratio), failed, paths, sizes, max_pixels)
 
 
-def _check_colours(
-    confirmed: tuple[np.ndarray, ...], failed: tuple[np.ndarray, ...], paths: list[str], max_pixels: int
+def _check_colours_and_details(
+    confirmed: tuple[np.ndarray, ...],
+    failed: tuple[np.ndarray, ...],
+    paths: list[str],
+    sizes: np.ndarray,
+    max_pixels: int,
 ) -> tuple[np.ndarray, ...]:
     """_confirm's answer from its confirmed (pairs, distances, noise ratios) and unconfirmed
-    (the same, colour distances and UNCONFIRMED_BY codes) pairs: each confirmed pair's colour
-    distance is measured, and those whose colours do not agree (colours_agree) join the
-    unconfirmed ones, at most 10 × MAX_SIMILAR of which are kept, closest first."""
+    (the same, colour and detail distances, UNCONFIRMED_BY codes) pairs: the images of confirmed
+    pairs are decoded once more, each pair's colour distance is measured and, when both images are
+    at least DETAIL px and not both small (small pairs had the native check), its detail distance.
+    Pairs whose colours do not agree (colours_agree), or whose detail distance is over
+    DETAIL_DISTANCE, join the unconfirmed ones, at most 10 × MAX_SIMILAR of which are kept,
+    closest first. A colour or detail distance is NaN where it was not measured."""
     pairs = confirmed[0]
     ids, slot = np.unique(pairs, return_inverse=True)
     slot = slot.reshape(-1, 2)
-    views = _each_image(colour_view, [paths[i] for i in ids.tolist()], max_pixels)
-    views = np.stack(views) if views else np.zeros((0, COLOUR_GRID**2, 3), dtype=np.float32)
-    a, b = views[slot[:, 0]], views[slot[:, 1]]
-    measured = (*confirmed, colour_distance(a, b).astype(np.float32))
-    ok = colours_agree(a, b)
-    by_colour = np.full(int((~ok).sum()), UNCONFIRMED_BY.index("colour"), dtype=np.int8)
-    failed = _closest(failed, (*(m[~ok] for m in measured), by_colour), 10 * MAX_SIMILAR)
+    detailed = (sizes[pairs].min(axis=(1, 2)) >= DETAIL) & (sizes[pairs].max(axis=(1, 2)) > RESIZE_MAX_SIDE)
+    decoded = _each_image(
+        lambda img: (colour_view(img), detail_source(img)), [paths[i] for i in ids.tolist()], max_pixels
+    )
+    colours = np.stack([d[0] for d in decoded]) if decoded else np.zeros((0, COLOUR_GRID**2, 3), np.float32)
+    a, b = colours[slot[:, 0]], colours[slot[:, 1]]
+    colour = colour_distance(a, b).astype(np.float32)
+    coloured = colours_agree(a, b)
+    detail = np.full(len(pairs), np.nan, dtype=np.float32)
+    for k in np.flatnonzero(detailed & coloured).tolist():
+        detail[k] = detail_distance(decoded[slot[k, 0]][1], decoded[slot[k, 1]][1])
+    ok = coloured & ~(detail > DETAIL_DISTANCE)
+    by = np.where(coloured, UNCONFIRMED_BY.index("detail"), UNCONFIRMED_BY.index("colour")).astype(np.int8)
+    measured = (*confirmed, colour, detail)
+    failed = _closest(failed, (*(m[~ok] for m in measured), by[~ok]), 10 * MAX_SIMILAR)
     return *(m[ok] for m in measured), *failed
 
 
@@ -563,12 +653,13 @@ def _pair_record(
     dist: float,
     ratio: float,
     colour: float,
+    detail: float,
     unconfirmed_by: int | None = None,
 ) -> dict:
     """One pair as the report lists it; noise_ratio is None where it was not measured (large images)
-    or does not apply (a resize), colour_distance where it was not measured (the pixels differed).
-    A similar pair also names the first check it failed (`unconfirmed_by`, a code of
-    UNCONFIRMED_BY)."""
+    or does not apply (a resize), colour_distance where it was not measured (the pixels differed),
+    detail_distance where it was not (small images, or the pixels or colours differed). A similar
+    pair also names the first check it failed (`unconfirmed_by`, a code of UNCONFIRMED_BY)."""
     rows = frame.iloc[[i, j]]
     extra = {} if unconfirmed_by is None else {"unconfirmed_by": UNCONFIRMED_BY[unconfirmed_by]}
     return {
@@ -579,6 +670,7 @@ def _pair_record(
         "pixel_distance": round(float(dist), 4),
         "noise_ratio": round(float(ratio), 3) if np.isfinite(ratio) else None,
         "colour_distance": round(float(colour), 4) if np.isfinite(colour) else None,
+        "detail_distance": round(float(detail), 4) if np.isfinite(detail) else None,
         **extra,
     }
 
@@ -603,8 +695,10 @@ def find_duplicates(
     distance then being the window's or the resampled one, and crops and pairs of one size (at
     least ALIGN_MIN_SIDE px) are looked for beyond crop_distance bits too (_thumbnail_candidates).
     However confirmed, the two images' colours must agree too (colours_agree; the colour distance
-    is recorded with each pair that got that far). Near groups are the connected components of
-    confirmed pairs that join different files' contents, with every file of each content;
+    is recorded with each pair that got that far), and pairs of larger images must agree in
+    every cell of their aligned detail views (detail_distance, recorded likewise). Near groups
+    are the connected components of confirmed pairs that join different files' contents, with
+    every file of each content;
     candidates that fail confirmation come back one pair per "similar" entry, closest first (at
     most MAX_SIMILAR), unless a near group already holds both images.
     """
@@ -636,7 +730,7 @@ def find_duplicates(
         sizes = frame[["width", "height"]].to_numpy()[reps]
     else:  # sizes unknown: every image is taken as large (a pair may be a crop, not a resize)
         sizes = np.full((len(reps), 2), RESIZE_MAX_SIDE + 1)
-    confirmed, dist, ratio, colour, unconfirmed, udist, uratio, ucolour, uby = _confirm(
+    confirmed, dist, ratio, colour, detail, unconfirmed, udist, uratio, ucolour, udetail, uby = _confirm(
         hashes[reps], [paths[i] for i in reps], sizes, max_distance, crop_distance, threshold, max_pixels
     )
     n = len(reps)
@@ -648,7 +742,9 @@ def find_duplicates(
         if c in members:
             members[c] += by_content[frame.at[rep, "sha256"]].tolist()
     links = {c: [] for c in members}
-    for (a, b), *measures in zip(*(x.tolist() for x in (confirmed, dist, ratio, colour)), strict=True):
+    for (a, b), *measures in zip(
+        *(x.tolist() for x in (confirmed, dist, ratio, colour, detail)), strict=True
+    ):
         links[component[a]].append((measures, a, b))
     for c, rows in sorted(members.items(), key=lambda kv: min(paths[i] for i in kv[1])):
         weakest = sorted(links[c], key=lambda link: (link[0][0], link[1], link[2]), reverse=True)
@@ -657,7 +753,9 @@ def find_duplicates(
         group["pairs"] = [_pair_record(frame, reps[a], reps[b], hashes, *m) for m, a, b in weakest]
         found.append(group)
     apart = component[unconfirmed[:, 0]] != component[unconfirmed[:, 1]]
-    similar = zip(*(u[apart].tolist() for u in (unconfirmed, udist, uratio, ucolour, uby)), strict=True)
+    similar = zip(
+        *(u[apart].tolist() for u in (unconfirmed, udist, uratio, ucolour, udetail, uby)), strict=True
+    )
     for (a, b), *measures in list(similar)[:MAX_SIMILAR]:
         i, j = int(reps[a]), int(reps[b])
         found.append({**describe([i, j], "similar"), "pairs": [_pair_record(frame, i, j, hashes, *measures)]})
@@ -685,8 +783,8 @@ def leakage(duplicates: list[dict], frame: pd.DataFrame) -> list[dict]:
 def pair_thumbnails(groups: list[dict], path: Path, title: str, limit: int = 24) -> Path | None:
     """One PNG of image pairs side by side (three pairs a row), captioned with labels, splits,
     hash distance, pixel distance, noise ratio (where measured) and, for a similar pair that
-    failed on colour alone, its colour distance, or on tones or sizes, that; None when the groups
-    hold no pairs."""
+    failed on colour or on detail, its colour or detail distance, or on tones or sizes, that; None
+    when the groups hold no pairs."""
     pairs = [(g["kind"], p) for g in groups for p in g.get("pairs", ())][:limit]
     if not pairs:
         return None
@@ -695,12 +793,15 @@ def pair_thumbnails(groups: list[dict], path: Path, title: str, limit: int = 24)
     files, titles = [], []
     for kind, p in pairs:
         files += p["paths"]
-        colour = p.get("colour_distance") if kind == "similar" else None
+        failed = p.get("unconfirmed_by") if kind == "similar" else None
+        colour = p.get("colour_distance") if failed == "colour" else None
+        detail = p.get("detail_distance") if failed == "detail" else None
         titles += [
             f"{p['labels'][0]} / {p['splits'][0]}\nhash {p['phash_distance']} bits",
             f"{p['labels'][1]} / {p['splits'][1]}\npixel {p['pixel_distance']:.3f}"
             + ("" if p.get("noise_ratio") is None else f", noise {p['noise_ratio']:.2f}")
             + ("" if colour is None else f", colour {colour:.2f}")
-            + UNSHOWN_FAILURE.get(p.get("unconfirmed_by"), ""),
+            + ("" if detail is None else f", detail {detail:.2f}")
+            + UNSHOWN_FAILURE.get(failed, ""),
         ]
     return image_grid(files, titles, title, path)

@@ -52,7 +52,16 @@ def _duplicates_markdown(report: dict, max_rows: int) -> list[str]:
     """Duplicates (exact, confirmed near), leakage, and the similar pairs that were not confirmed."""
     dups, similar, thumbs = report["duplicates"], report["similar_pairs"], report["duplicate_thumbnails"]
     lines = ["", f"## Duplicates ({len(dups)} groups) and leakage ({len(report['leakage'])} images)", ""]
-    from .duplicates import ALIGN_MIN_SIDE, CROP_DISTANCE, NOISE_QUALITY, NOISE_RATIO, RESIZE_MAX_SIDE
+    from .duplicates import (
+        ALIGN_MIN_SIDE,
+        CROP_DISTANCE,
+        DETAIL,
+        DETAIL_CELL,
+        DETAIL_DISTANCE,
+        NOISE_QUALITY,
+        NOISE_RATIO,
+        RESIZE_MAX_SIDE,
+    )
 
     lines.append(
         "Exact: same SHA-256. Near: perceptual hashes within "
@@ -64,7 +73,10 @@ def _duplicates_markdown(report: dict, max_rows: int) -> list[str]:
         "resize, by a resampled one; raw brightness and contrast must agree too, and so must the colour "
         "of each quarter of the two images. Pairs of images up "
         f"to {RESIZE_MAX_SIDE} px must also differ at their own resolution by at most {NOISE_RATIO:g} "
-        f"times what a JPEG re-encoding at quality {NOISE_QUALITY} changes (the noise ratio)."
+        f"times what a JPEG re-encoding at quality {NOISE_QUALITY} changes (the noise ratio); pairs of "
+        f"larger images, in {DETAIL}×{DETAIL} views once aligned, by at most {DETAIL_DISTANCE:g} in any "
+        f"{DETAIL_CELL}×{DETAIL_CELL} px cell (the detail distance), so variants of one drawing that "
+        "differ in a small part are not confirmed."
     )
     lines.append("")
     if dups:
@@ -93,8 +105,9 @@ def _duplicates_markdown(report: dict, max_rows: int) -> list[str]:
         return [*lines, "None."]
     lines.append(
         "Their hashes matched but their pixels differ by more than the confirmation cuts (the pixel "
-        "distance, or for small images the noise ratio) or their colours differ (a colour distance is "
-        "listed where the gray levels matched), so they count neither as duplicates nor as leakage. "
+        "distance, or for small images the noise ratio), their colours differ (a colour distance is "
+        "listed where the gray levels matched), or a part of them differs (a detail distance is listed "
+        "where the colours matched), so they count neither as duplicates nor as leakage. "
         "Listed closest first, for a person to check."
     )
     if thumbs.get("similar"):
@@ -109,13 +122,16 @@ def _duplicates_markdown(report: dict, max_rows: int) -> list[str]:
             f"{pair['pixel_distance']:.3f}",
             "—" if pair.get("noise_ratio") is None else f"{pair['noise_ratio']:.2f}",
             "—" if pair.get("colour_distance") is None else f"{pair['colour_distance']:.3f}",
+            "—" if pair.get("detail_distance") is None else f"{pair['detail_distance']:.3f}",
             pair.get("unconfirmed_by") or "—",
         ]
         for d in similar[:max_rows]
         for pair in d["pairs"]
     ]
     header = ["files", "labels", "splits", "hash bits", "pixel distance"]
-    return lines + _table([*header, "noise ratio", "colour distance", "failed check"], rows)
+    return lines + _table(
+        [*header, "noise ratio", "colour distance", "detail distance", "failed check"], rows
+    )
 
 
 def _audit_markdown(audit: dict, issues: list[dict], max_rows: int) -> list[str]:

@@ -473,3 +473,74 @@ def test_reencoded_symmetric_drawings_are_found_beyond_the_hash_search(tmp_path)
     near = {tuple(sorted(Path(p).name for p in g["paths"])) for g in found if g["kind"] == "near"}
     assert near == {tuple(sorted((f"{k:02d}.png", p.name))) for k, p in far}
     assert sorted(x["path"] for x in leakage(found, frame)) == sorted(str(p) for _, p in far)
+
+
+def _warning_sign(symbol: str, size: int = 240) -> Image.Image:
+    """A road warning sign drawn as clip art often is: a red triangle on a white page, the symbol
+    (a small black shape) inside it the only thing that tells one sign from another."""
+    from PIL import ImageDraw
+
+    img = Image.new("RGB", (size, size + size // 4), "white")
+    draw = ImageDraw.Draw(img)
+    s = size / 240
+    draw.polygon(
+        [(120 * s, 20 * s), (220 * s, 200 * s), (20 * s, 200 * s)], outline=(220, 20, 30), width=round(18 * s)
+    )
+    shapes = {
+        "cattle": lambda: draw.rectangle([90 * s, 120 * s, 150 * s, 150 * s], fill="black"),
+        "deer": lambda: draw.polygon(
+            [(95 * s, 160 * s), (120 * s, 95 * s), (145 * s, 160 * s)], fill="black"
+        ),
+        "bend": lambda: draw.line(
+            [(100 * s, 170 * s), (110 * s, 120 * s), (145 * s, 105 * s)], fill="black", width=round(12 * s)
+        ),
+        "crossing": lambda: draw.ellipse([95 * s, 110 * s, 145 * s, 160 * s], fill="black"),
+    }
+    shapes[symbol]()
+    return img
+
+
+def test_variants_of_one_template_are_similar_pairs_failed_on_detail(tmp_path):
+    """Warning signs differing only in the small symbol inside one triangle: the thumbnails of two
+    pairs are within the pixel cut and their hashes 4 bits apart, so every earlier check confirms
+    them; the detail views tell them apart, and no sign leaks into another."""
+    names = ["cattle", "deer", "crossing"]
+    paths = [_save(_warning_sign(n), tmp_path / f"{n}.png") for n in names]
+    frame = _frame(paths, ["sign"] * 3, ["train", "test", "val"])
+    found = find_duplicates(frame, max_distance=6)
+    assert "near" not in {g["kind"] for g in found} and leakage(found, frame) == []
+    pairs = [g["pairs"][0] for g in found if g["kind"] == "similar"]
+    by_detail = [p for p in pairs if p["unconfirmed_by"] == "detail"]
+    assert len(by_detail) == 2
+    for p in by_detail:
+        assert p["pixel_distance"] <= duplicates.PIXEL_DISTANCE  # the thumbnails alone would confirm it
+        assert p["detail_distance"] > duplicates.DETAIL_DISTANCE
+
+
+def test_edited_copies_of_a_line_drawing_pass_the_detail_check(tmp_path):
+    """JPEG at quality 60, WebP, resizes to 50 % and 180 %, brightness ±10 % and crops of up to
+    5 % of each axis (one side or both) of a sign: each copy is confirmed and leaks."""
+    from PIL import ImageEnhance
+
+    sign = _warning_sign("deer")
+    w, h = sign.size
+    copies = {
+        "q60.jpg": (sign, {"quality": 60}),
+        "q90.webp": (sign, {"quality": 90}),
+        "half.png": (sign.resize((w // 2, h // 2), Image.Resampling.BICUBIC), {}),
+        "larger.png": (sign.resize((w * 9 // 5, h * 9 // 5), Image.Resampling.BICUBIC), {}),
+        "darker.png": (ImageEnhance.Brightness(sign).enhance(0.9), {}),
+        "brighter.png": (ImageEnhance.Brightness(sign).enhance(1.1), {}),
+        "crop_top.png": (sign.crop((0, 12, w, h)), {}),
+        "crop_corner.png": (sign.crop((5, 7, w - 6, h - 7)), {}),
+        "crop_bottom.png": (sign.crop((0, 0, w - 3, h - 14)), {}),
+    }
+    paths = [_save(sign, tmp_path / "deer.png")]
+    paths += [_save(img, tmp_path / name, **kw) for name, (img, kw) in copies.items()]
+    frame = _frame(paths, ["sign"] * len(paths), ["train"] + ["test"] * len(copies))
+    found = find_duplicates(frame, max_distance=6)
+    near = [g for g in found if g["kind"] == "near"]
+    assert len(near) == 1 and set(near[0]["paths"]) == {str(p) for p in paths}
+    assert len(leakage(found, frame)) == len(copies)
+    measured = [p["detail_distance"] for p in near[0]["pairs"] if p["detail_distance"] is not None]
+    assert measured and max(measured) <= duplicates.DETAIL_DISTANCE
