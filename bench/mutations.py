@@ -266,8 +266,8 @@ MUTATIONS = [
     Mutation(
         "duplicates: colour is not checked",
         "components/duplicates.py",
-        "    ok = colours_agree(a, b)\n",
-        "    ok = np.ones(len(pairs), dtype=bool)\n",
+        "    coloured = colours_agree(a, b)\n",
+        "    coloured = np.ones(len(pairs), dtype=bool)\n",
         (
             "tests/test_duplicates.py::test_pictures_alike_in_gray_but_not_in_colour_are_similar_not_duplicates",
         ),
@@ -278,6 +278,20 @@ MUTATIONS = [
         "COLOUR_TOLERANCE + COLOUR_GAIN * np.maximum(np.abs(a), np.abs(b))",
         "COLOUR_TOLERANCE",
         ("tests/test_duplicates.py::test_colour_pictures_edited_as_duplicates_are_still_confirmed",),
+    ),
+    Mutation(
+        "duplicates: detail is not checked",
+        "components/duplicates.py",
+        "    ok = coloured & ~(detail > DETAIL_DISTANCE)\n",
+        "    ok = coloured\n",
+        ("tests/test_duplicates.py::test_variants_of_one_template_are_similar_pairs_failed_on_detail",),
+    ),
+    Mutation(
+        "duplicates: detail views are not aligned",
+        "components/duplicates.py",
+        "        best = min(best, cell_distance(whole, _aligned_detail(whole, source)))\n",
+        "        pass\n",
+        ("tests/test_duplicates.py::test_edited_copies_of_a_line_drawing_pass_the_detail_check",),
     ),
 ]
 

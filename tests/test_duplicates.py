@@ -15,6 +15,7 @@ from visiontune.components import duplicates
 from visiontune.components.duplicates import find_duplicates, leakage, pair_thumbnails
 from visiontune.components.hash_search import hash_pairs, member_pairs, popcount
 from visiontune.components.images import load_image, sha256_file
+from visiontune.components.report import _duplicates_markdown
 
 
 def _brute_pairs(values: np.ndarray, d: int) -> set[tuple[int, int]]:
@@ -515,6 +516,14 @@ def test_variants_of_one_template_are_similar_pairs_failed_on_detail(tmp_path):
     for p in by_detail:
         assert p["pixel_distance"] <= duplicates.PIXEL_DISTANCE  # the thumbnails alone would confirm it
         assert p["detail_distance"] > duplicates.DETAIL_DISTANCE
+    report = {"duplicates": [], "similar_pairs": [g for g in found if g["kind"] == "similar"], "leakage": [],
+              "duplicate_thumbnails": {}, "thresholds": {"near_duplicate_distance": 6,
+                                                         "near_duplicate_pixel_distance": 0.08}}  # fmt: skip
+    table = "\n".join(_duplicates_markdown(report, 50))
+    for p in by_detail:
+        assert f"| {p['detail_distance']:.3f} | detail |" in table
+    png = pair_thumbnails(found, tmp_path / "pairs.png", "similar pairs")
+    assert png is not None and png.stat().st_size > 0
 
 
 def test_edited_copies_of_a_line_drawing_pass_the_detail_check(tmp_path):
