@@ -168,7 +168,9 @@ def _audit_markdown(audit: dict, issues: list[dict], max_rows: int) -> list[str]
             f"**Expected precision {audit['expected_precision']:.0%}**: about "
             f"{audit['expected_precision'] * audit['flagged']:.0f} of the {audit['flagged']} flagged labels "
             f"should be wrong, and they should hold {audit['expected_recall']:.0%} of the estimated wrong "
-            "labels (both from the fitted error probabilities). Listed for review; nothing is changed.",
+            "labels (both from the fitted error probabilities, which take a label the classifier "
+            "confidently contradicts for a wrong one: where classes are conventions rather than looks, "
+            "expect fewer). Listed for review; nothing is changed.",
         ]
     if audit.get("thumbnails"):
         lines += ["", f"![top suspects]({audit['thumbnails']})"]
