@@ -73,27 +73,29 @@ def manifest_rows(paths: list[Path], labels: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def embeddings(imgs: list[Image.Image]) -> np.ndarray:
+def embeddings(paths: list[Path]) -> np.ndarray:
     """Unit-length pooled stage features of the pretrained Lite0 at 64 px (the label audit's)."""
     from visiontune.components import model as models
 
     model, prep = models.embedder(64)
     feats = []
-    for k in range(0, len(imgs), 256):
-        batch = np.stack([images.resize(i, prep.size) for i in imgs[k : k + 256]])
+    for k in range(0, len(paths), 256):
+        batch = np.stack([images.resize(images.load_image(p), prep.size) for p in paths[k : k + 256]])
         feats.append(models.pooled_stage_features(model, images.normalize(batch, prep.mean, prep.std)))
     f = np.concatenate(feats)
     return f / np.linalg.norm(f, axis=1, keepdims=True)
 
 
-def measures(imgs: list[Image.Image], use_embedding: bool) -> dict[str, np.ndarray]:
-    """Per-image views; each measure is a distance between two views (0 = same)."""
+def measures(paths: list[Path], use_embedding: bool) -> dict[str, np.ndarray]:
+    """Per-image views, each image decoded once and not kept (large images would fill the memory);
+    each measure is a distance between two views (0 = same)."""
+    raw = np.stack([duplicates.raw_thumbnail(images.load_image(p)) for p in paths])
     views = {
-        "pixel (standardized MAD, 16 px)": np.stack([duplicates.thumbnail(i) for i in imgs]),
-        "raw MAD (16 px, /255)": np.stack([duplicates.raw_thumbnail(i) for i in imgs]),
+        "pixel (standardized MAD, 16 px)": duplicates._standardize(raw),
+        "raw MAD (16 px, /255)": raw,
     }
     if use_embedding:
-        views["embedding (1 - cosine)"] = embeddings(imgs)
+        views["embedding (1 - cosine)"] = embeddings(paths)
     return views
 
 
@@ -118,14 +120,13 @@ def one_dataset(name: str, work: Path, n_planted: int, use_embedding: bool, seed
     root = DATASETS[name](work / name)
     paths = sorted(p for p in root.rglob("*.png"))
     labels = [p.parent.name for p in paths]
-    imgs = [images.load_image(p) for p in paths]
     picks = rng.choice(len(paths), min(n_planted, len(paths)), replace=False)
     (work / f"{name}_copies").mkdir()
     copies, kinds = [], []
     for n, k in enumerate(picks.tolist()):
         kinds.append(KINDS[n % len(KINDS)])
-        copies.append(plant(imgs[k], kinds[-1], rng, work / f"{name}_copies" / f"{n:04d}_{paths[k].stem}"))
-    copy_imgs = [images.load_image(p) for p in copies]
+        out = work / f"{name}_copies" / f"{n:04d}_{paths[k].stem}"
+        copies.append(plant(images.load_image(paths[k]), kinds[-1], rng, out))
     originals = manifest_rows(paths, labels)
     planted = manifest_rows(copies, [labels[k] for k in picks])
     print(f"\n{name}: {len(paths)} originals, {len(copies)} planted copies ({', '.join(KINDS)} in turn)")
@@ -139,21 +140,34 @@ def one_dataset(name: str, work: Path, n_planted: int, use_embedding: bool, seed
     if len(i) > 100_000:
         keep = rng.choice(len(i), 100_000, replace=False)
         i, j = i[keep], j[keep]
-    views, copy_views = measures(imgs, use_embedding), measures(copy_imgs, use_embedding)
+    views, copy_views = measures(paths, use_embedding), measures(copies, use_embedding)
     for m in views:
         pos = distance(m, views[m][picks], copy_views[m])
         neg = distance(m, views[m][i], views[m][j])
         print(f"  {m:32s} {separation(pos, neg)}")
-    # the native check of small images, on the edits it judges (a resize has its own check)
-    native, copy_native = (
-        [duplicates.native_view(x) for x in imgs],
-        [duplicates.native_view(x) for x in copy_imgs],
-    )
-    pos = np.array([duplicates.noise_ratio(native[k], copy_native[n]) for n, k in enumerate(picks.tolist())])
-    neg = np.array(
-        [duplicates.noise_ratio(native[a], native[b]) for a, b in zip(i.tolist(), j.tolist(), strict=True)]
-    )
-    print(f"  {'noise ratio (native; no resizes)':32s} {separation(pos[np.array(kinds) != 'resize'], neg)}")
+    # the native check, on the pairs of small images it judges (a resize has its own check)
+    small = (originals[["width", "height"]].max(axis=1) <= duplicates.RESIZE_MAX_SIDE).to_numpy()
+    copy_small = (planted[["width", "height"]].max(axis=1) <= duplicates.RESIZE_MAX_SIDE).to_numpy()
+    judged = [n for n, k in enumerate(picks.tolist()) if small[k] and copy_small[n] and kinds[n] != "resize"]
+    i, j = i[small[i] & small[j]], j[small[i] & small[j]]
+    if judged and len(i):
+        native = {k: duplicates.native_view(images.load_image(paths[k])) for k in {*i.tolist(), *j.tolist()}}
+        native |= {int(picks[n]): duplicates.native_view(images.load_image(paths[picks[n]])) for n in judged}
+        pos = np.array(
+            [
+                duplicates.noise_ratio(native[picks[n]], duplicates.native_view(images.load_image(copies[n])))
+                for n in judged
+            ]
+        )
+        neg = np.array(
+            [
+                duplicates.noise_ratio(native[a], native[b])
+                for a, b in zip(i.tolist(), j.tolist(), strict=True)
+            ]
+        )
+        print(f"  {'noise ratio (native; no resizes)':32s} {separation(pos, neg)}")
+    else:
+        print(f"  {'noise ratio (native; no resizes)':32s} not applied: no pairs of small images")
 
     # the detector at its defaults
     frame = pd.concat([originals, planted], ignore_index=True)
