@@ -289,8 +289,8 @@ MUTATIONS = [
     Mutation(
         "duplicates: detail views are not aligned",
         "components/duplicates.py",
-        "        best = min(best, cell_distance(whole, _aligned_detail(whole, source)))\n",
-        "        pass\n",
+        "        return min(float(found[k]), *both_ways)\n",
+        "        return float(found[k])\n",
         ("tests/test_duplicates.py::test_edited_copies_of_a_line_drawing_pass_the_detail_check",),
     ),
 ]

@@ -553,3 +553,23 @@ def test_edited_copies_of_a_line_drawing_pass_the_detail_check(tmp_path):
     assert len(leakage(found, frame)) == len(copies)
     measured = [p["detail_distance"] for p in near[0]["pairs"] if p["detail_distance"] is not None]
     assert measured and max(measured) <= duplicates.DETAIL_DISTANCE
+
+
+def test_pairs_beyond_the_aligned_detail_budget_stay_confirmed_unmeasured(tmp_path, monkeypatch):
+    """With no aligned detail searches left, a crop whose whole detail views differ is kept as
+    confirmed, its detail distance not measured, while a copy whose whole views agree keeps its
+    measured distance."""
+    monkeypatch.setattr(duplicates, "MAX_DETAIL_ALIGNED", 0)
+    sign = _warning_sign("deer")
+    w, h = sign.size
+    paths = [
+        _save(sign, tmp_path / "deer.png"),
+        _save(sign.crop((5, 7, w - 6, h - 7)), tmp_path / "crop.png"),
+        _save(sign, tmp_path / "q60.jpg", quality=60),
+    ]
+    frame = _frame(paths, ["sign"] * 3, ["train", "test", "test"])
+    (near,) = [g for g in find_duplicates(frame, max_distance=6) if g["kind"] == "near"]
+    assert set(near["paths"]) == {str(p) for p in paths}
+    by_copy = {Path(q).stem: p for p in near["pairs"] if str(paths[0]) in p["paths"] for q in p["paths"]}
+    assert by_copy["crop"]["detail_distance"] is None
+    assert by_copy["q60"]["detail_distance"] <= duplicates.DETAIL_DISTANCE
