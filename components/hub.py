@@ -300,7 +300,7 @@ def _data_version(facts: CardFacts) -> dict[str, str]:
     p = facts.prepare
     version = {
         "Images": f"{p['n_images']} ({', '.join(f'{k} {v}' for k, v in p['split_counts'].items())}); "
-        f"{p['n_quarantined']} unreadable images quarantined",
+        f"{p['n_quarantined']} images quarantined (unreadable or too large)",
         "Manifest sha256": p["manifest_sha256"],
     }
     if facts.data_hash:

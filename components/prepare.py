@@ -19,7 +19,7 @@ from . import hf_source, images, manifest
 from .config import BaseConfig, DataConfig
 from .duplicates import perceptual_hash
 from .errors import VisiontuneError
-from .images import IMAGE_EXTENSIONS, ImageDecodeError, load_image, sha256_file
+from .images import IMAGE_EXTENSIONS, ImageDecodeError, ImageTooLargeError, load_image, sha256_file
 from .splits import SplitRule, assign_splits, read_split_record, write_split_record
 
 BUILTIN_DIGITS = "builtin:digits"
@@ -129,7 +129,7 @@ def _inspect(path: str, max_pixels: int) -> dict:
         }
     except (ImageDecodeError, OSError) as exc:
         reason = str(exc).removeprefix(f"{path}: ")
-        return {"error": reason}
+        return {"error": reason, "kind": "too large" if isinstance(exc, ImageTooLargeError) else "unreadable"}
 
 
 def _dvc_outs(root: Path) -> list[Path]:
@@ -238,12 +238,13 @@ def _inspect_all(rows: pd.DataFrame, source: str, max_pixels: int) -> tuple[pd.D
         facts = list(pool.map(lambda p: _inspect(p, max_pixels), rows["path"]))
     info = pd.DataFrame(facts, index=rows.index)
     if "error" not in info:
-        info["error"] = None
+        info["error"] = info["kind"] = None
     bad = info["error"].notna()
     quarantined = [
-        {"path": p, "reason": r} for p, r in zip(rows["path"][bad], info["error"][bad], strict=True)
+        {"path": p, "reason": r, "kind": k}
+        for p, r, k in zip(rows["path"][bad], info["error"][bad], info["kind"][bad], strict=True)
     ]
-    good = pd.concat([rows[~bad], info[~bad].drop(columns="error")], axis=1)
+    good = pd.concat([rows[~bad], info[~bad].drop(columns=["error", "kind"])], axis=1)
     if good.empty:
         first = Path(rows["path"].iloc[0])
         if not first.exists():  # a CSV in git whose images DVC tracks but nobody pulled
@@ -254,7 +255,8 @@ def _inspect_all(rows: pd.DataFrame, source: str, max_pixels: int) -> tuple[pd.D
 
 
 def prepare(data: DataConfig, base: BaseConfig, max_pixels: int, out: Path) -> PrepareResult:
-    """Ingest data.source into out/manifest.csv; unreadable images go to out/quarantine.json.
+    """Ingest data.source into out/manifest.csv; unreadable images, and those over max_pixels, go
+    to out/quarantine.json with their reason.
 
     Splits are stratified and kept: out/splits.json records the split of every image's content,
     and the next run reads it back first (see `assign_splits`). Added images fill each class's

@@ -123,7 +123,8 @@ def model_card(prepared: dict, validation: dict | None, metrics: dict, train_met
         "",
         f"**Data**: {prepared['n_images']} images in {len(prepared['classes'])} classes "
         f"({', '.join(prepared['classes'][:20])}{' …' if len(prepared['classes']) > 20 else ''}); "
-        f"split {prepared['split_counts']}; {prepared['n_quarantined']} unreadable images quarantined; "
+        f"split {prepared['split_counts']}; "
+        f"{prepared['n_quarantined']} images quarantined (unreadable or too large); "
         f"manifest sha256 {prepared['manifest_sha256'][:12]}.",
         "",
         "**Test metrics**: "

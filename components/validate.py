@@ -142,7 +142,11 @@ def _gate(cfg: ValidateConfig, report: dict, frame: pd.DataFrame) -> tuple[list[
             f"validate.max_label_issue_fraction={cfg.max_label_issue_fraction:g}"
         )
     if report["quarantined"]:
-        warnings.append(f"integrity: {len(report['quarantined'])} unreadable image(s) quarantined")
+        large = sum(q.get("kind") == "too large" for q in report["quarantined"])
+        warnings.append(
+            f"integrity: {len(report['quarantined'])} image(s) quarantined "
+            f"({len(report['quarantined']) - large} unreadable, {large} over validate.max_pixels)"
+        )
     for kind, what in (("exact", "identical files"), ("near", "near-identical images")):
         conflicts = [d for d in report["duplicates"] if d["kind"] == kind and d["conflicting_labels"]]
         if conflicts:

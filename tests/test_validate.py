@@ -102,6 +102,10 @@ def test_every_planted_problem_is_reported(planted):
     assert set(reasons) == {"truncated.jpg", "zero.png", "text.png", "bomb.png"}
     assert "cannot decode" in reasons["truncated.jpg"] and reasons["zero.png"] == "empty file"
     assert "cannot decode" in reasons["text.png"] and "too many pixels" in reasons["bomb.png"]
+    kinds = {q["path"].split("/")[-1]: q["kind"] for q in report["quarantined"]}
+    assert kinds == {"truncated.jpg": "unreadable", "zero.png": "unreadable", "text.png": "unreadable",
+                     "bomb.png": "too large"}  # fmt: skip
+    assert "integrity: 4 image(s) quarantined (3 unreadable, 1 over validate.max_pixels)" in result.warnings
 
     frame = manifest.read(tmp_path / "prep" / "manifest.csv").set_index("path")
     by_name = {p.split("/")[-1]: row for p, row in frame.iterrows()}
