@@ -97,7 +97,7 @@ COLOUR_TOLERANCE = 0.04  # chroma a cell's channel may move (white = 1), plus CO
 COLOUR_GAIN = 0.1  # a brightness change of ±10 % scales chroma as much
 DETAIL = 32  # px: side of the detail views that pairs of larger images are compared in, cell by cell
 DETAIL_CELL = 8  # px: side of a cell of a detail view (4 × 4 cells)
-DETAIL_DISTANCE = 0.2  # the most any cell of two aligned detail views may differ (standardized MAD)
+DETAIL_DISTANCE = 0.25  # the most any cell of two aligned detail views may differ (standardized MAD)
 DETAIL_CROP = 0.05  # the most of each axis the aligned detail search takes off, from either end or both
 DETAIL_STEP = 0.005  # its step, as a fraction of the axis
 MAX_DETAIL_ALIGNED = 2_000  # pairs given the aligned detail search at most (about 20 ms each), closest first
