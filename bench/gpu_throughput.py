@@ -129,7 +129,14 @@ from visiontune.components import cache  # noqa: E402
 from visiontune.components import model as models  # noqa: E402
 from visiontune.components import policy as policies  # noqa: E402
 from visiontune.components import train as training  # noqa: E402
-from visiontune.components.config import BaseConfig, DataConfig, ModelConfig, TrainConfig, load_params  # noqa: E402
+from visiontune.components.config import (  # noqa: E402
+    BaseConfig,
+    DataConfig,
+    ModelConfig,
+    TrainConfig,
+    ValidateConfig,
+    load_params,
+)
 from visiontune.components.evaluate import evaluate  # noqa: E402
 from visiontune.components.prepare import materialize_digits, prepare  # noqa: E402
 
@@ -479,7 +486,9 @@ def stage_section(args, work: Path, device: torch.device, verdicts: Verdicts, cl
     photo_folder(work / "jpegs", args.images)
     made = time.perf_counter() - t0
     prepared = work / "photos"
-    prep = prepare(DataConfig(source=str(work / "jpegs")), BaseConfig(), 10**8, prepared)
+    prep = prepare(
+        DataConfig(source=str(work / "jpegs")), BaseConfig(), ValidateConfig(max_pixels=10**8), prepared
+    )
     folders = split_folders(prepared, work / "ref_split") if "handwritten" not in args.skip else None
     print(
         f"   photos made in {made:.1f} s, prepared in {time.perf_counter() - t0 - made:.1f} s; "
@@ -573,7 +582,7 @@ def digits_section(args, work: Path, device: torch.device, verdicts: Verdicts, c
         f"{params.base.seed}, training seeds {', '.join(map(str, args.seeds))}"
     )
     prepared = work / "digits"
-    prepare(data, params.base, params.validate_.max_pixels, prepared)
+    prepare(data, params.base, params.validate_, prepared)
     store = work / "digits_store"
     print(
         f"{'method':<8}{'seed':>5}{'test acc':>10}{'stage s':>9}{'epochs':>8}{'best':>6}{'img/s':>8}"

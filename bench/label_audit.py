@@ -82,14 +82,14 @@ def prepared_from(rows: list[tuple[str, int]], labels: np.ndarray, work: Path, n
         csv_path, index=False
     )
     out = work / name
-    prepare(DataConfig(source=str(csv_path)), BaseConfig(), 89_478_485, out)
+    prepare(DataConfig(source=str(csv_path)), BaseConfig(), ValidateConfig(), out)
     return out
 
 
 def _embedded(name: str, work: Path) -> tuple[np.ndarray, np.ndarray]:
     """(features, true labels) of one real dataset at its audit size, embedded once."""
     root = DATASETS[name](work / name / "raw")
-    prepare(DataConfig(source=str(root)), BaseConfig(), 89_478_485, work / name / "prep")
+    prepare(DataConfig(source=str(root)), BaseConfig(), ValidateConfig(), work / name / "prep")
     frame = pd.read_csv(work / name / "prep" / "manifest.csv", dtype=str, keep_default_na=False)
     classes = sorted(frame["label"].unique())
     labels = frame["label"].map({c: i for i, c in enumerate(classes)}).to_numpy()

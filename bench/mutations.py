@@ -200,9 +200,30 @@ MUTATIONS = [
     Mutation(
         "splits: new images ignore the recorded quota",
         "components/splits.py",
-        'n_test = min(max(test - have.get("test", 0), 0), len(new))',
-        "n_test = min(test, len(new))",
+        'room = {"test": test - have.get("test", 0), "val": val - have.get("val", 0)}',
+        'room = {"test": test, "val": val}',
         ("tests/test_splits.py",),
+    ),
+    Mutation(
+        "splits: near-duplicate groups drawn one image at a time",
+        "components/splits.py",
+        "    units = _units(label_of.index, near)",
+        "    units = _units(label_of.index, ())",
+        ("tests/test_splits.py", "tests/test_validate.py"),
+    ),
+    Mutation(
+        "splits: a copy added later ignores its original's recorded split",
+        "components/splits.py",
+        "        if splits:\n            joined",
+        "        if False:\n            joined",
+        ("tests/test_splits.py",),
+    ),
+    Mutation(
+        "duplicates: validate ignores prepare's record",
+        "components/validate.py",
+        "found = place(found, frame) if found is not None else",
+        "found = place(found, frame) if False else",
+        ("tests/test_validate.py",),
     ),
     Mutation(
         "audit: no ambiguity share in the noise model",

@@ -43,7 +43,7 @@ from stage_timing import timed_decoding
 
 from visiontune.components import images, manifest
 from visiontune.components import model as models
-from visiontune.components.config import BaseConfig, DataConfig, ModelConfig, TrainConfig
+from visiontune.components.config import BaseConfig, DataConfig, ModelConfig, TrainConfig, ValidateConfig
 from visiontune.components.evaluate import batches
 from visiontune.components.prepare import materialize_digits, prepare
 from visiontune.components.train import train
@@ -228,12 +228,16 @@ def main() -> None:
         wanted = set(args.datasets.split(","))
         if "digits" in wanted or sections & {2, 3}:
             source = materialize_digits(work / "digits")
-            prepare(DataConfig(source=str(source)), BaseConfig(), 10**8, work / "pd")
+            prepare(
+                DataConfig(source=str(source)), BaseConfig(), ValidateConfig(max_pixels=10**8), work / "pd"
+            )
             digits = split_folders(work / "pd", work / "ref_digits")
             datasets["digits"] = ("digits (64 px)", work / "pd", digits, 64)
         if sections & {0, 1} and "photos" in wanted:
             source = photo_folder(work / "jpegs", args.jpegs)
-            prepare(DataConfig(source=str(source)), BaseConfig(), 10**8, work / "pj")
+            prepare(
+                DataConfig(source=str(source)), BaseConfig(), ValidateConfig(max_pixels=10**8), work / "pj"
+            )
             photos = split_folders(work / "pj", work / "ref_jpegs")
             datasets["photos"] = (f"JPEG photos ({args.jpegs}, 96 px)", work / "pj", photos, 96)
         print(f"(prepare of the inputs, not timed below: {time.perf_counter() - t0:.1f} s)")

@@ -79,7 +79,8 @@ class ValidateConfig(Section):
         6,
         ge=0,
         le=64,
-        description="Candidates: bits in which two images' 64-bit perceptual hashes may differ.",
+        description="Candidates: bits in which two images' 64-bit perceptual hashes may differ (prepare "
+        "searches with the same settings and keeps each confirmed group in one split).",
     )
     near_duplicate_pixel_distance: float = Field(
         0.08,
@@ -107,6 +108,15 @@ class ValidateConfig(Section):
     on_fail: Literal["error", "warn"] = Field(
         "error", description="`error`: a failed gate stops the pipeline; `warn`: write the report and go on."
     )
+
+    def duplicate_search(self) -> dict:
+        """find_duplicates' settings: prepare searches with them (each group then stays in one split),
+        and validate reports what that search found."""
+        return {
+            "max_distance": self.near_duplicate_distance,
+            "threshold": self.near_duplicate_pixel_distance,
+            "max_pixels": self.max_pixels,
+        }
 
 
 class ModelConfig(Section):

@@ -34,12 +34,15 @@ be within NOISE_RATIO times what re-encoding the image as a JPEG at NOISE_QUALIT
 bound scales with each picture, so it holds for fine textures that JPEG smears and for thin
 strokes that it keeps.
 
-The hash search (hash_search.py) is not all-pairs. Imported by the validate stage; runs nothing.
+The hash search (hash_search.py) is not all-pairs. The prepare stage searches before it draws the
+splits, so that each group is kept in one split (splits.py), and records its findings (RECORD) for
+the validate stage, which reports and gates them. Imported by both; runs nothing.
 """
 
 from __future__ import annotations
 
 import io
+import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -79,6 +82,7 @@ RESAMPLED_DISTANCE = 0.04  # confirmation cut for a reproduced resize (same unit
 NATIVE_BLOCK = 4096  # same-size pairs whose native views are compared at once
 PAIRS_PER_GROUP = 50  # confirmed pairs listed per near group, weakest first
 MAX_SIMILAR = 200  # unconfirmed candidate pairs reported, closest first
+RECORD = "duplicates.json"  # prepare's findings, beside its manifest; validate reads them back
 UNCONFIRMED_BY = (  # the first check an unconfirmed pair failed, by code (0: none recorded)
     None,
     "pixel distance",
@@ -696,7 +700,7 @@ def _pair_record(
     return {
         "paths": rows["path"].tolist(),
         "labels": rows["label"].tolist(),
-        "splits": rows["split"].tolist(),
+        "splits": [],  # set by place()
         "phash_distance": bin(int(hashes[i] ^ hashes[j])).count("1"),
         "pixel_distance": round(float(dist), 4),
         "noise_ratio": round(float(ratio), 3) if np.isfinite(ratio) else None,
@@ -740,20 +744,20 @@ def find_duplicates(
 
     def describe(idx: list[int], kind: str) -> dict:
         rows = frame.iloc[idx]
-        labels, splits = sorted(set(rows["label"])), sorted(set(rows["split"]))
+        labels = sorted(set(rows["label"]))
         return {
             "paths": rows["path"].tolist(),
             "kind": kind,
             "labels": labels,
-            "splits": splits,
+            "splits": [],  # set by place()
             "conflicting_labels": len(labels) > 1,
-            "crosses_splits": len(splits) > 1,
+            "crosses_splits": False,
         }
 
     by_content = frame.groupby("sha256", sort=False).indices
     found = [describe(sorted(g.tolist()), "exact") for g in by_content.values() if len(g) > 1]
     if "phash" not in frame or max_distance < 0:
-        return found
+        return place(found, frame)
     reps = np.array(sorted(int(g[0]) for g in by_content.values()))  # one file per content
     hashes = np.array([int(h, 16) for h in frame["phash"]], dtype=np.uint64)
     paths = frame["path"].tolist()
@@ -790,7 +794,47 @@ def find_duplicates(
     for (a, b), *measures in list(similar)[:MAX_SIMILAR]:
         i, j = int(reps[a]), int(reps[b])
         found.append({**describe([i, j], "similar"), "pairs": [_pair_record(frame, i, j, hashes, *measures)]})
+    return place(found, frame)
+
+
+def place(found: list[dict], frame: pd.DataFrame) -> list[dict]:
+    """found with the split of every image filled in from frame's split column (in place); as it
+    is when frame has none yet (prepare searches before it draws the splits)."""
+    if "split" not in frame:
+        return found
+    split_of = dict(zip(frame["path"], frame["split"], strict=True))
+    for group in found:
+        group["splits"] = sorted({split_of[p] for p in group["paths"]})
+        group["crosses_splits"] = len(group["splits"]) > 1
+        for pair in group.get("pairs", ()):
+            pair["splits"] = [split_of[p] for p in pair["paths"]]
     return found
+
+
+def near_contents(found: list[dict], frame: pd.DataFrame) -> list[list[str]]:
+    """The contents (sha256) of each confirmed near group: the units a split keeps whole."""
+    sha_of = dict(zip(frame["path"], frame["sha256"], strict=True))
+    return [sorted({sha_of[p] for p in g["paths"]}) for g in found if g["kind"] == "near"]
+
+
+def write_record(folder: Path, found: list[dict], settings: dict, manifest_sha256: str) -> None:
+    """Keep a search's findings beside the manifest they were made on (RECORD), for validate."""
+    record = {"settings": settings, "manifest_sha256": manifest_sha256, "found": found}
+    tmp = folder / f".{RECORD}.tmp"
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(folder / RECORD)
+
+
+def read_record(folder: Path, settings: dict, manifest_sha256: str) -> list[dict] | None:
+    """The findings recorded in folder for this manifest and these settings; None when there are
+    none, or they were made on another manifest or with other settings (then search again)."""
+    try:
+        record = json.loads((folder / RECORD).read_text())
+        if record["settings"] == settings and record["manifest_sha256"] == manifest_sha256:
+            return list(record["found"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # absent or unreadable: the search is made again, as if never recorded
+    return None
 
 
 def leakage(duplicates: list[dict], frame: pd.DataFrame) -> list[dict]:

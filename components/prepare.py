@@ -16,8 +16,8 @@ import pandas as pd
 from PIL import Image
 
 from . import hf_source, images, manifest
-from .config import BaseConfig, DataConfig
-from .duplicates import perceptual_hash
+from .config import BaseConfig, DataConfig, ValidateConfig
+from .duplicates import find_duplicates, near_contents, perceptual_hash, place, write_record
 from .errors import VisiontuneError
 from .images import IMAGE_EXTENSIONS, ImageDecodeError, ImageTooLargeError, load_image, sha256_file
 from .splits import SplitRule, assign_splits, read_split_record, write_split_record
@@ -254,9 +254,9 @@ def _inspect_all(rows: pd.DataFrame, source: str, max_pixels: int) -> tuple[pd.D
     return good.sort_values("path", kind="stable").reset_index(drop=True), quarantined
 
 
-def prepare(data: DataConfig, base: BaseConfig, max_pixels: int, out: Path) -> PrepareResult:
-    """Ingest data.source into out/manifest.csv; unreadable images, and those over max_pixels, go
-    to out/quarantine.json with their reason.
+def prepare(data: DataConfig, base: BaseConfig, check: ValidateConfig, out: Path) -> PrepareResult:
+    """Ingest data.source into out/manifest.csv; unreadable images, and those over
+    validate.max_pixels, go to out/quarantine.json with their reason.
 
     Splits are stratified and kept: out/splits.json records the split of every image's content,
     and the next run reads it back first (see `assign_splits`). Added images fill each class's
@@ -264,24 +264,29 @@ def prepare(data: DataConfig, base: BaseConfig, max_pixels: int, out: Path) -> P
     base.seed, data.val_fraction, data.test_fraction or data.min_eval_per_class sets the record
     aside and draws every split anew. Without a record (first run, fresh clone before
     `dvc pull` of this folder) splits are drawn from the images and the seed alone, the same
-    on every machine.
+    on every machine. Duplicates are searched for first, with the validate settings, so that
+    each confirmed group of near duplicates takes one split; what the search found is kept in
+    out/duplicates.json for validate.
     """
     out.mkdir(parents=True, exist_ok=True)
     rule = SplitRule(base.seed, data.val_fraction, data.test_fraction, data.min_eval_per_class)
     recorded = read_split_record(out, rule)  # read before anything in out is rewritten
     rows, skipped = resolve_source(data, out)
-    good, quarantined = _inspect_all(rows, data.source, max_pixels)
-    good["split"] = assign_splits(good, recorded, rule)
+    good, quarantined = _inspect_all(rows, data.source, check.max_pixels)
     good["width"] = good["width"].astype(int)
     good["height"] = good["height"].astype(int)
+    found = find_duplicates(good, **check.duplicate_search())
+    good["split"] = assign_splits(good, recorded, rule, near_contents(found, good))
     manifest.schema().validate(good, lazy=True)
     manifest_path = out / "manifest.csv"
     manifest.write(good, manifest_path)
+    manifest_sha256 = sha256_file(manifest_path)
     write_split_record(out, good, rule)
+    write_record(out, place(found, good), check.duplicate_search(), manifest_sha256)
     (out / "quarantine.json").write_text(json.dumps(quarantined, indent=2))
     result = PrepareResult(
         manifest=_display_path(manifest_path),
-        manifest_sha256=sha256_file(manifest_path),
+        manifest_sha256=manifest_sha256,
         n_images=len(good),
         n_quarantined=len(quarantined),
         classes=manifest.class_names(good),

@@ -76,7 +76,8 @@ def _duplicates_markdown(report: dict, max_rows: int) -> list[str]:
         f"times what a JPEG re-encoding at quality {NOISE_QUALITY} changes (the noise ratio); pairs of "
         f"larger images, in {DETAIL}×{DETAIL} views once aligned, by at most {DETAIL_DISTANCE:g} in any "
         f"{DETAIL_CELL}×{DETAIL_CELL} px cell (the detail distance), so variants of one drawing that "
-        "differ in a small part are not confirmed."
+        "differ in a small part are not confirmed. Each group stays in one split where prepare draws the "
+        "splits; one across splits had them given in the source, or recorded before it was found."
     )
     lines.append("")
     if dups:

@@ -1,14 +1,16 @@
 """Train/val/test splits: stratified per class, with a floor for small classes, and kept.
 
-prepare records the split of every image's content (sha256) in its output folder and reads it
-back on the next run, so added images fill each class's quotas and no recorded image moves.
-Imported by the prepare stage; runs nothing.
+Identical files and confirmed near duplicates (duplicates.py) share a split, so none leaks from
+train into val or test. prepare records the split of every image's content (sha256) in its output
+folder and reads it back on the next run, so added images fill each class's quotas and no
+recorded image moves. Imported by the prepare stage; runs nothing.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -52,15 +54,21 @@ def quotas(n: int, rule: SplitRule) -> tuple[int, int]:
     return test, min(quota(rule.val_fraction), spare - test)
 
 
-def assign_splits(rows: pd.DataFrame, recorded: dict[str, str], rule: SplitRule) -> pd.Series:
+def assign_splits(
+    rows: pd.DataFrame, recorded: dict[str, str], rule: SplitRule, near: Sequence[Sequence[str]] = ()
+) -> pd.Series:
     """The split of every row (path, label, sha256[, split given]), rows in path order.
 
-    Decided once per content (sha256), so identical files share a split: a split given in the
-    source wins, then the split recorded for that content, and the new contents of each class
-    fill its quotas (see `quotas`) in the order of their seeded content hash: test first, then
-    val, then train. A recorded image never moves; a class whose recorded images already exceed
-    a quota gets no more there. A content under several labels counts toward its first label.
-    A row keeps its own given split even where an identical file was given another.
+    Decided once per content (sha256), so identical files share a split, and once per group of
+    near-duplicate contents (`near`: lists of sha256, disjoint), so that no copy leaks from train
+    into val or test. A split given in the source wins, then the split recorded for that content;
+    the undecided contents of a group that has some decided join them (train where those differ:
+    a copy in train adds no leaking image). The groups left, wholly new, fill the quotas of their
+    class (see `quotas`) in the order of their seeded content hash: test first, then val, each
+    taking a group only while it fits, then train. A recorded image never moves; a class whose
+    recorded images already exceed a quota gets no more there. A content under several labels,
+    and a group, count toward the label of their first content. A row keeps its own given split
+    even where an identical file was given another.
     """
     given = rows["split"] if "split" in rows else pd.Series("", index=rows.index)
     decided: dict[str, str] = {}
@@ -69,17 +77,42 @@ def assign_splits(rows: pd.DataFrame, recorded: dict[str, str], rule: SplitRule)
             decided[sha] = split
     label_of = rows.drop_duplicates("sha256").set_index("sha256")["label"]
     decided |= {sha: recorded[sha] for sha in label_of.index if sha not in decided and sha in recorded}
-    for _, members in label_of.groupby(label_of, sort=True):
-        have = pd.Series([decided.get(sha) for sha in members.index]).value_counts()
-        new = sorted((sha for sha in members.index if sha not in decided), key=lambda s: _draw(s, rule.seed))
-        test, val = quotas(len(members), rule)
-        n_test = min(max(test - have.get("test", 0), 0), len(new))
-        n_val = min(max(val - have.get("val", 0), 0), len(new) - n_test)
-        for i, sha in enumerate(new):
-            decided[sha] = "test" if i < n_test else "val" if i < n_test + n_val else "train"
+    units = _units(label_of.index, near)
+    for unit in units:
+        splits = {decided[sha] for sha in unit if sha in decided}
+        if splits:
+            joined = splits.pop() if len(splits) == 1 else "train"
+            decided |= {sha: joined for sha in unit if sha not in decided}
+    unit_label = pd.Series([label_of[unit[0]] for unit in units])
+    for _, members in unit_label.groupby(unit_label, sort=True):
+        mine = [units[i] for i in members.index]
+        _fill_quotas(mine, decided, rule)
     return pd.Series(
         [g or decided[sha] for g, sha in zip(given, rows["sha256"], strict=True)], index=rows.index
     )
+
+
+def _units(contents: pd.Index, near: Sequence[Sequence[str]]) -> list[list[str]]:
+    """Every content once: in its near group (members in `contents` order), or alone."""
+    position = {sha: i for i, sha in enumerate(contents)}
+    grouped = [sorted((sha for sha in group if sha in position), key=position.get) for group in near]
+    grouped = [unit for unit in grouped if unit]
+    taken = {sha for unit in grouped for sha in unit}
+    units = grouped + [[sha] for sha in contents if sha not in taken]
+    return sorted(units, key=lambda unit: position[unit[0]])
+
+
+def _fill_quotas(units: list[list[str]], decided: dict[str, str], rule: SplitRule) -> None:
+    """Decide the wholly undecided units of one class (in place): test, then val, while each fits."""
+    have = pd.Series([decided.get(sha) for unit in units for sha in unit]).value_counts()
+    test, val = quotas(sum(map(len, units)), rule)
+    room = {"test": test - have.get("test", 0), "val": val - have.get("val", 0)}
+    new = [unit for unit in units if unit[0] not in decided]
+    for unit in sorted(new, key=lambda unit: min(_draw(sha, rule.seed) for sha in unit)):
+        split = next((s for s in ("test", "val") if len(unit) <= room[s]), "train")
+        if split != "train":
+            room[split] -= len(unit)
+        decided |= {sha: split for sha in unit}
 
 
 def read_split_record(out: Path, rule: SplitRule) -> dict[str, str]:

@@ -17,8 +17,9 @@ import pandera.errors
 
 from . import manifest
 from .config import ValidateConfig
-from .duplicates import find_duplicates, leakage, pair_thumbnails
+from .duplicates import find_duplicates, leakage, pair_thumbnails, place, read_record
 from .errors import VisiontuneError
+from .images import sha256_file
 
 
 class GateFailed(VisiontuneError, RuntimeError):
@@ -82,12 +83,15 @@ def _balance(frame: pd.DataFrame, cfg: ValidateConfig) -> tuple[dict, dict]:
     return class_counts, balance
 
 
-def _duplicates(frame: pd.DataFrame, cfg: ValidateConfig, out: Path) -> dict:
+def _duplicates(frame: pd.DataFrame, cfg: ValidateConfig, out: Path, prepared: Path) -> dict:
     """The report's duplicate sections: exact and confirmed near groups, similar (unconfirmed)
-    pairs, the val/test images leaked from train, and side-by-side thumbnails of each kind."""
-    found = find_duplicates(
-        frame, cfg.near_duplicate_distance, cfg.near_duplicate_pixel_distance, cfg.max_pixels
-    )
+    pairs, the val/test images leaked from train, and side-by-side thumbnails of each kind.
+
+    prepare's search is reused when it was made on this manifest with these settings; otherwise
+    (an older prepare folder, a manifest edited by hand, changed settings) the search runs here."""
+    settings = cfg.duplicate_search()
+    found = read_record(prepared, settings, sha256_file(prepared / "manifest.csv"))
+    found = place(found, frame) if found is not None else find_duplicates(frame, **settings)
     duplicates = [d for d in found if d["kind"] != "similar"]
     similar = [d for d in found if d["kind"] == "similar"]  # a person looks; the gate does not count them
     for stale in ("near_duplicates.png", "similar_pairs.png"):  # a rerun may find none of a kind
@@ -186,7 +190,7 @@ def validate(
     quarantined = json.loads(quarantine_path.read_text()) if quarantine_path.exists() else []
     schema_errors = _schema_errors(frame, manifest_path, cfg.classes)
     class_counts, balance = _balance(frame, cfg)
-    dups = _duplicates(frame, cfg, out)
+    dups = _duplicates(frame, cfg, out, prepared)
     if cfg.label_audit:
         from .audit import label_audit
 

@@ -34,7 +34,16 @@ class StageInputs:
 
 
 STAGE_INPUTS: dict[str, StageInputs] = {
-    "prepare": StageInputs(("base", "data", "validate.max_pixels"), ()),
+    "prepare": StageInputs(
+        (
+            "base",
+            "data",
+            "validate.max_pixels",
+            "validate.near_duplicate_distance",
+            "validate.near_duplicate_pixel_distance",
+        ),
+        (),
+    ),
     "validate": StageInputs(("base.seed", "model.name", "model.image_size", "validate"), ("prepare",)),
     "train": StageInputs(("base", "model", "train"), ("prepare", "validate")),
     "evaluate": StageInputs(

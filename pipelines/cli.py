@@ -206,7 +206,7 @@ def audit(
         config = load_params(params, overrides, missing_ok=True)  # defaults outside a project
         check = config.validate_.model_copy(update={"on_fail": "warn"})  # report everything, then exit 1
         data = config.data.model_copy(update={"source": source})
-        prepared = run_prepare(data, config.base, check.max_pixels, out / "prepare")
+        prepared = run_prepare(data, config.base, check, out / "prepare")
         size = stages.image_size(config, out / "prepare")
         result = run_validate(check, out / "prepare", out, size, config.base.seed, out / "cache")
     typer.echo(

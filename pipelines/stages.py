@@ -51,7 +51,7 @@ class Layout:
 def prepare(params: Params, layout: Layout):
     from visiontune.components.prepare import prepare as run
 
-    return run(params.data, params.base, params.validate_.max_pixels, layout.prepare)
+    return run(params.data, params.base, params.validate_, layout.prepare)
 
 
 def image_size(params: Params, prepared: Path) -> int:

@@ -9,12 +9,12 @@ from PIL import Image
 from conftest import write_digits
 from visiontune.components import audit
 from visiontune.components.audit import embed, find_issues, fit_noise, label_audit
-from visiontune.components.config import BaseConfig, DataConfig
+from visiontune.components.config import BaseConfig, DataConfig, ValidateConfig
 from visiontune.components.prepare import prepare
 
 
 def _prepared(root, tmp_path) -> pd.DataFrame:
-    prepare(DataConfig(source=str(root)), BaseConfig(), 10**8, tmp_path / "prep")
+    prepare(DataConfig(source=str(root)), BaseConfig(), ValidateConfig(max_pixels=10**8), tmp_path / "prep")
     return pd.read_csv(tmp_path / "prep" / "manifest.csv", dtype=str, keep_default_na=False)
 
 

@@ -117,7 +117,7 @@ def _dvc_repo(root: Path) -> Path:
 
 def _prepare(source: str, out: Path):
     params = tiny_params(source)
-    return prepare(params.data, params.base, params.validate_.max_pixels, out)
+    return prepare(params.data, params.base, params.validate_, out)
 
 
 @pytest.mark.parametrize(

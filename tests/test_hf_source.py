@@ -21,7 +21,7 @@ CLASSES = ["0", "1", "2"]
 
 
 def _run(params, out):
-    return prepare(params.data, params.base, params.validate_.max_pixels, out)
+    return prepare(params.data, params.base, params.validate_, out)
 
 
 def _rows(out) -> set[tuple[str, str, str]]:

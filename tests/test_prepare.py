@@ -12,7 +12,7 @@ from visiontune.components.prepare import SourceError, prepare
 
 
 def _run(params, out):
-    return prepare(params.data, params.base, params.validate_.max_pixels, out)
+    return prepare(params.data, params.base, params.validate_, out)
 
 
 def test_folder_source_nested_with_manifest(tmp_path):

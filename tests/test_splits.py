@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from conftest import tiny_params, write_digits
-from visiontune.components import manifest
+from visiontune.components import duplicates, manifest
 from visiontune.components.prepare import prepare
 from visiontune.components.splits import SPLIT_RECORD, SplitRule, assign_splits, quotas, read_split_record
 
@@ -109,8 +109,42 @@ def test_identical_files_share_a_split_and_given_splits_win():
     assert (counts(frame, splits)[["val", "test"]] > 0).all().all()
 
 
+def test_a_near_duplicate_group_takes_one_split_and_quotas_still_hold():
+    frame = imbalanced({"a": 60, "b": 60})
+    shas = frame["sha256"].tolist()
+    near = [shas[i : i + 3] for i in range(0, 30, 3)] + [shas[60:62]]  # ten triples in a, a pair in b
+    splits = assign_splits(frame, {}, RULE, near)
+    for group in near:
+        assert splits[frame["sha256"].isin(group)].nunique() == 1, group
+    table = counts(frame, splits)
+    for label in ("a", "b"):
+        test, val = quotas(60, RULE)
+        assert table.loc[label, "test"] <= test and table.loc[label, "val"] <= val
+        assert (
+            table.loc[label, "test"] >= test - 2 and table.loc[label, "val"] >= val - 2
+        )  # a group may not fit
+    apart = assign_splits(frame, {}, RULE)  # the same draw without the groups splits some of them
+    assert any(apart[frame["sha256"].isin(group)].nunique() > 1 for group in near)
+    assert (assign_splits(frame, {}, RULE, []) == apart).all()  # no groups: the split as before
+
+
+def test_a_group_larger_than_the_quotas_trains_and_new_copies_follow_their_record():
+    frame = imbalanced({"a": 30})
+    shas = frame["sha256"].tolist()
+    splits = assign_splits(frame, {}, RULE, [shas[:8]])  # 8 copies of one picture: over the 5-image quotas
+    assert (splits[:8] == "train").all()
+    assert counts(frame, splits).loc["a", "test"] == 5 and counts(frame, splits).loc["a", "val"] == 5
+    recorded = {sha: "test" for sha in shas[8:10]} | {shas[10]: "val", shas[11]: "train"}
+    grown = pd.concat([frame, imbalanced({"a": 3}, start=100)]).reset_index(drop=True)
+    new = grown["sha256"].tolist()[30:]
+    near = [[shas[8], new[0]], [shas[10], shas[11], new[1]]]  # a copy of a test image; of a leaking pair
+    splits = assign_splits(grown, recorded, RULE, near)
+    assert splits[30] == "test" and splits[31] == "train"  # train adds no leaking image
+    assert [splits[i] for i in (8, 9, 10, 11)] == ["test", "test", "val", "train"]  # recorded: kept
+
+
 def _run(params, out):
-    return prepare(params.data, params.base, params.validate_.max_pixels, out)
+    return prepare(params.data, params.base, params.validate_, out)
 
 
 def _splits(out: Path) -> pd.Series:
@@ -132,9 +166,10 @@ def test_prepare_records_keeps_and_forgets(tmp_path):
     record = json.loads((out / SPLIT_RECORD).read_text())
     assert removed["sha256"] not in record["splits"] and len(record["splits"]) == 71
     assert record["rule"] == {"seed": 0, "val_fraction": 0.25, "test_fraction": 0.25, "min_eval_per_class": 5}
-    outputs = [(out / name).read_bytes() for name in ("manifest.csv", SPLIT_RECORD, "prepare.json")]
+    names = ("manifest.csv", SPLIT_RECORD, "prepare.json", duplicates.RECORD)
+    outputs = [(out / name).read_bytes() for name in names]
     _run(tiny_params(data), out)  # same data, its own record: the same bytes, so nothing downstream reruns
-    assert outputs == [(out / name).read_bytes() for name in ("manifest.csv", SPLIT_RECORD, "prepare.json")]
+    assert outputs == [(out / name).read_bytes() for name in names]
 
 
 def test_a_changed_seed_sets_the_record_aside(tmp_path):

@@ -12,10 +12,11 @@ import pytest
 from PIL import Image
 
 from conftest import tiny_params, write_digits
-from visiontune.components import manifest
+from visiontune.components import duplicates, manifest
 from visiontune.components.config import ValidateConfig
 from visiontune.components.images import sha256_file
 from visiontune.components.prepare import prepare
+from visiontune.components.splits import SplitRule, assign_splits
 from visiontune.components.validate import GateFailed, validate
 
 MAX_PIXELS = 200 * 200
@@ -78,7 +79,7 @@ def planted(tmp_path):
 
 def _prepare(csv_path, out, seed=0):
     params = tiny_params(csv_path, validate={"max_pixels": MAX_PIXELS})
-    return prepare(params.data, params.base, MAX_PIXELS, out)
+    return prepare(params.data, params.base, params.validate_, out)
 
 
 def _validate(prepared, out, **cfg):
@@ -163,7 +164,7 @@ def test_imbalance_gate(tmp_path):
     data = write_digits(tmp_path / "raw", classes=(0,), per_class=40)
     write_digits(data, classes=(1,), per_class=5)
     params = tiny_params(data)
-    prepare(params.data, params.base, params.validate_.max_pixels, tmp_path / "prep")
+    prepare(params.data, params.base, params.validate_, tmp_path / "prep")
     with pytest.raises(
         GateFailed,
         match=r"class = 8\.0 .* > validate\.max_imbalance_ratio=4; add images to the small classes",
@@ -176,7 +177,7 @@ def test_imbalance_gate(tmp_path):
 def test_unknown_labels_and_schema_errors_name_row_and_file(tmp_path):
     data = write_digits(tmp_path / "raw", classes=(0, 1, 2), per_class=12)
     params = tiny_params(data)
-    prepare(params.data, params.base, params.validate_.max_pixels, tmp_path / "prep")
+    prepare(params.data, params.base, params.validate_, tmp_path / "prep")
     frame = manifest.read(tmp_path / "prep" / "manifest.csv")
     frame.loc[2, "split"] = "training"
     frame.loc[4, "sha256"] = "xyz"
@@ -200,7 +201,7 @@ def test_label_audit_finds_planted_label_errors(tmp_path):
     csv_path = tmp_path / "labels.csv"
     pd.DataFrame(rows).to_csv(csv_path, index=False)
     params = tiny_params(csv_path)
-    prepare(params.data, params.base, params.validate_.max_pixels, tmp_path / "prep")
+    prepare(params.data, params.base, params.validate_, tmp_path / "prep")
     cfg = ValidateConfig(on_fail="warn", max_label_issue_fraction=1.0)
     validate(cfg, tmp_path / "prep", tmp_path / "val", audit_size=64)
     report = json.loads((tmp_path / "val" / "report.json").read_text())
@@ -290,6 +291,41 @@ def test_a_reencoded_copy_in_test_is_confirmed_and_fails_the_leakage_gate(tmp_pa
     report = json.loads((tmp_path / "val" / "report.json").read_text())
     assert [(x["path"].split("/")[-1], x["kind"]) for x in report["leakage"]] == [("copy.jpg", "near")]
     assert report["duplicate_thumbnails"]["near"] == "near_duplicates.png"
+
+
+def test_copies_share_the_split_prepare_draws_so_none_leaks(tmp_path):
+    """A folder whose class "a" holds re-encoded copies of six of its pictures: prepare keeps each
+    copy in its original's split, so validate finds the groups and no leakage, from prepare's record."""
+    root = tmp_path / "photos"
+    for label, seeds in (("a", range(12)), ("b", range(20, 32))):
+        (root / label).mkdir(parents=True)
+        for k in seeds:
+            _photo((96, 80), seed=k).resize((48, 40)).resize((96, 80)).save(root / label / f"{k:02d}.png")
+    for k in range(6):
+        Image.open(root / "a" / f"{k:02d}.png").save(root / "a" / f"{k:02d}_copy.jpg", quality=80)
+    params = tiny_params(root, validate={"max_pixels": MAX_PIXELS})
+    prepare(params.data, params.base, params.validate_, tmp_path / "prep")
+    frame = manifest.read(tmp_path / "prep" / "manifest.csv")
+    split = dict(zip(frame["path"].str.rsplit("/", n=1).str[1], frame["split"], strict=True))
+    assert all(split[f"{k:02d}.png"] == split[f"{k:02d}_copy.jpg"] for k in range(6))
+    assert {"val", "test"} <= set(frame.loc[frame["label"] == "a", "split"])
+    drawn_alone = assign_splits(frame.drop(columns="split"), {}, SplitRule(0, 0.25, 0.25, 5))
+    alone = dict(zip(frame["path"].str.rsplit("/", n=1).str[1], drawn_alone, strict=True))
+    assert any(alone[f"{k:02d}.png"] != alone[f"{k:02d}_copy.jpg"] for k in range(6))  # without groups
+
+    result = _validate(tmp_path / "prep", tmp_path / "val", label_audit=False)
+    assert result.passed and result.n_leaked == 0 and result.n_duplicate_groups == 6
+    report = json.loads((tmp_path / "val" / "report.json").read_text())
+    assert not any(g["crosses_splits"] for g in report["duplicates"])
+    assert all(len(set(p["splits"])) == 1 for g in report["duplicates"] for p in g["pairs"])
+
+    record_path = tmp_path / "prep" / duplicates.RECORD
+    record = json.loads(record_path.read_text())
+    record["found"] = record["found"][:1]  # what validate reports is what prepare recorded
+    record_path.write_text(json.dumps(record))
+    assert _validate(tmp_path / "prep", tmp_path / "val", label_audit=False).n_duplicate_groups == 1
+    moved = _validate(tmp_path / "prep", tmp_path / "val", label_audit=False, near_duplicate_distance=8)
+    assert moved.n_duplicate_groups == 6  # other settings: searched again
 
 
 def test_a_class_without_test_images_is_a_warning_naming_it_and_the_fix(tmp_path):
