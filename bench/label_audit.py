@@ -101,6 +101,17 @@ def _stat(values: list[float]) -> str:
     return f"{np.mean(values):.2f} ± {np.std(values):.2f}" if values else "—"
 
 
+def ranking_precision(error: np.ndarray, flipped: np.ndarray, recall: float = 0.8) -> float | None:
+    """The best precision of any cut of the audit's ranking (most likely wrong first) that keeps at
+    least `recall` of the flips: what no choice of cut could beat with these probabilities."""
+    if not flipped.any():
+        return None
+    hits = np.cumsum(flipped[np.argsort(-error, kind="stable")])
+    k = np.arange(1, len(error) + 1)
+    enough = hits >= recall * flipped.sum()
+    return float((hits[enough] / k[enough]).max())
+
+
 def _row(name: str, features: np.ndarray, truth: np.ndarray, rate: float, seeds: list[int]) -> str:
     """One table row: the audit on `seeds` flips of one dataset at one noise rate."""
     runs = []
@@ -116,12 +127,14 @@ def _row(name: str, features: np.ndarray, truth: np.ndarray, rate: float, seeds:
                 "expected": found.expected_precision,
                 "noise": found.noise_rate,
                 "agreement": found.agreement,
+                "best cut": ranking_precision(found.error_probability, flipped),
             }
         )
     column = {k: [r[k] for r in runs] for k in runs[0]}
     flagged = np.mean(column["flagged"])
     stats = " ".join(
-        f"{_stat(column[k]):>11}" for k in ("precision", "recall", "expected", "noise", "agreement")
+        f"{_stat(column[k]):>11}"
+        for k in ("precision", "recall", "expected", "noise", "agreement", "best cut")
     )
     return (
         f"{name:>9} {len(truth):>6} {rate:>5.0%} {int(round(rate * len(truth))):>7} "
@@ -132,11 +145,12 @@ def _row(name: str, features: np.ndarray, truth: np.ndarray, rate: float, seeds:
 def quality(names: list[str], noise: list[float], seeds: list[int]) -> None:
     print(
         f"\nlabel-audit quality: labels flipped at random to another class, mean ± sd over seeds {seeds}"
-        "\n(expected = the audit's own expected_precision; agreement = classifier vs given labels)"
+        "\n(expected = the audit's own expected_precision; agreement = classifier vs given labels;"
+        "\nP@R.8 = the best precision of any cut of the audit's ranking that keeps 80 % of the flips)"
     )
     header = [
         ("dataset", 9), ("images", 6), ("noise", 5), ("flipped", 7), ("flagged", 13), ("precision", 11),
-        ("recall", 11), ("expected", 11), ("est. noise", 11), ("agreement", 11),
+        ("recall", 11), ("expected", 11), ("est. noise", 11), ("agreement", 11), ("P@R.8", 11),
     ]  # fmt: skip
     print(" ".join(f"{name:>{width}}" for name, width in header))
     with tempfile.TemporaryDirectory() as tmp:
