@@ -235,18 +235,20 @@ def _aligned_detail(whole: np.ndarray, source: Image.Image) -> np.ndarray:
     spans = _detail_spans()
     kept = [(0, 0), (0, 0)]
 
-    def closest(axis: int, candidates: list[tuple[int, int]]) -> tuple[int, int]:
-        def view(span: tuple[int, int]) -> np.ndarray:
-            parts = [span if k == axis else kept[k] for k in (0, 1)]
-            return detail_view(source, *((a * DETAIL_STEP, 1.0 - b * DETAIL_STEP) for a, b in parts))
+    def view(parts: list[tuple[int, int]]) -> np.ndarray:  # (steps off the start, off the end) per axis
+        return detail_view(source, *((a * DETAIL_STEP, 1.0 - b * DETAIL_STEP) for a, b in parts))
 
-        return min(candidates, key=lambda span: float(np.abs(whole - view(span)).mean()))
+    def closest(axis: int, candidates: list[tuple[int, int]]) -> tuple[int, int]:
+        def differs(span: tuple[int, int]) -> float:
+            return float(np.abs(whole - view([span if k == axis else kept[k] for k in (0, 1)])).mean())
+
+        return min(candidates, key=differs)
 
     for axis in (0, 1, 0):
         coarse = closest(axis, [(a, b) for a, b in spans if a % 2 == 0 and b % 2 == 0])
         near = [(a, b) for a, b in spans if abs(a - coarse[0]) <= 1 and abs(b - coarse[1]) <= 1]
         kept[axis] = closest(axis, near)
-    return detail_view(source, *((a * DETAIL_STEP, 1.0 - b * DETAIL_STEP) for a, b in kept))
+    return view(kept)
 
 
 def _standardize(t: np.ndarray) -> np.ndarray:
