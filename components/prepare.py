@@ -37,6 +37,7 @@ class PrepareResult:
     n_quarantined: int
     classes: list[str]
     split_counts: dict[str, int]
+    n_duplicate_groups: int = 0  # exact and confirmed near groups, each kept in one split
     skipped: list[str] = field(default_factory=list)
 
 
@@ -291,6 +292,7 @@ def prepare(data: DataConfig, base: BaseConfig, check: ValidateConfig, out: Path
         n_quarantined=len(quarantined),
         classes=manifest.class_names(good),
         split_counts={s: int((good["split"] == s).sum()) for s in manifest.SPLITS},
+        n_duplicate_groups=sum(g["kind"] != "similar" for g in found),
         skipped=skipped,
     )
     (out / "prepare.json").write_text(json.dumps(asdict(result), indent=2))

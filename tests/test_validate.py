@@ -304,7 +304,7 @@ def test_copies_share_the_split_prepare_draws_so_none_leaks(tmp_path):
     for k in range(6):
         Image.open(root / "a" / f"{k:02d}.png").save(root / "a" / f"{k:02d}_copy.jpg", quality=80)
     params = tiny_params(root, validate={"max_pixels": MAX_PIXELS})
-    prepare(params.data, params.base, params.validate_, tmp_path / "prep")
+    assert prepare(params.data, params.base, params.validate_, tmp_path / "prep").n_duplicate_groups == 6
     frame = manifest.read(tmp_path / "prep" / "manifest.csv")
     split = dict(zip(frame["path"].str.rsplit("/", n=1).str[1], frame["split"], strict=True))
     assert all(split[f"{k:02d}.png"] == split[f"{k:02d}_copy.jpg"] for k in range(6))
