@@ -153,18 +153,29 @@ AUDIT_STAGES = (2, 3, 4)  # Lite0's mid-level stages (40 + 112 + 320 channels): 
 
 
 def embedder(size: int | None, device: str = "cpu") -> tuple[nn.Module, Preprocessing]:
-    """The embedded ImageNet Lite0 as a frozen feature extractor at `size` px (None: 224), on `device`."""
+    """The embedded ImageNet Lite0 as a frozen feature extractor at `size` px (None: 224), on
+    `device`, in the memory format training's device policy picks there (pooled_stage_features
+    feeds it batches in the same format)."""
+    from .config import TrainConfig
+    from .policy import resolve
+
     model, prep = create(ModelConfig(name=EMBEDDED, image_size=size), num_classes=1000)
-    return model.eval().to(device), prep
+    chosen = resolve(TrainConfig(), family(model), prep.size, device).memory_format
+    layout = torch.channels_last if chosen == "channels_last" else torch.contiguous_format
+    return model.eval().to(device, memory_format=layout), prep
 
 
 @torch.no_grad()
 def pooled_stage_features(model: nn.Module, x: np.ndarray) -> np.ndarray:
     """Global-average-pooled features of AUDIT_STAGES, concatenated, for one normalized batch
     (computed on the model's device, returned on the CPU)."""
-    device = next(model.parameters()).device
+    weight = next(p for p in model.parameters() if p.dim() == 4)  # a conv's layout is the model's
+    layout = torch.channels_last if weight.is_contiguous(memory_format=torch.channels_last) else None
+    x = torch.from_numpy(x).to(weight.device)
     stages = model.forward_intermediates(
-        torch.from_numpy(x).to(device), indices=list(AUDIT_STAGES), intermediates_only=True
+        x if layout is None else x.contiguous(memory_format=layout),
+        indices=list(AUDIT_STAGES),
+        intermediates_only=True,
     )
     return torch.cat([f.mean((2, 3)) for f in stages], dim=1).cpu().numpy()
 
