@@ -80,6 +80,8 @@ def _score_splits(cfg: EvaluateConfig, model, meta: dict, frame) -> tuple[dict, 
     """(flat metrics of test and val, split → (paths, probabilities, true classes), split → classes
     without images) for the splits that hold images."""
     prep = models.preprocessing_of(meta)
+    layout = models.inference_layout(model, prep.size)
+    model.to(memory_format=layout)
     class_names = meta["class_names"]
     index = {name: i for i, name in enumerate(class_names)}
     flat: dict[str, float] = {}
@@ -89,7 +91,8 @@ def _score_splits(cfg: EvaluateConfig, model, meta: dict, frame) -> tuple[dict, 
         if rows.empty:
             continue
         paths = rows["path"].tolist()
-        logits = models.predict_logits(model, batches(paths, prep.size, prep.mean, prep.std, cfg.batch_size))
+        pixels = batches(paths, prep.size, prep.mean, prep.std, cfg.batch_size)
+        logits = models.predict_logits(model, pixels, layout)
         probs, y_true = metrics.softmax(logits), rows["label"].map(index).to_numpy()
         flat |= metrics.summary(probs, y_true, split, cfg.top_k)
         results[split] = (paths, probs, y_true)

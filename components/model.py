@@ -156,13 +156,19 @@ def embedder(size: int | None, device: str = "cpu") -> tuple[nn.Module, Preproce
     """The embedded ImageNet Lite0 as a frozen feature extractor at `size` px (None: 224), on
     `device`, in the memory format training's device policy picks there (pooled_stage_features
     feeds it batches in the same format)."""
+    model, prep = create(ModelConfig(name=EMBEDDED, image_size=size), num_classes=1000)
+    return model.eval().to(device, memory_format=inference_layout(model, prep.size, device)), prep
+
+
+def inference_layout(model: nn.Module, size: int, device: str = "cpu") -> torch.memory_format:
+    """The memory format training's device policy (policy.resolve, train.memory_format: auto) picks
+    for this model at `size` px on `device`: channels-last for a CNN on the CPU, where it ran Lite0's
+    forward pass 1.4–1.7× as fast as NCHW at 224 px (batches of 16 and 64)."""
     from .config import TrainConfig
     from .policy import resolve
 
-    model, prep = create(ModelConfig(name=EMBEDDED, image_size=size), num_classes=1000)
-    chosen = resolve(TrainConfig(), family(model), prep.size, device).memory_format
-    layout = torch.channels_last if chosen == "channels_last" else torch.contiguous_format
-    return model.eval().to(device, memory_format=layout), prep
+    chosen = resolve(TrainConfig(), family(model), size, device).memory_format
+    return torch.channels_last if chosen == "channels_last" else torch.contiguous_format
 
 
 @torch.no_grad()
@@ -429,10 +435,13 @@ def preprocessing_of(meta: dict[str, Any]) -> Preprocessing:
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, batches: Iterator[np.ndarray]) -> np.ndarray:
-    """Logits for normalized NCHW float32 batches, concatenated."""
+def predict_logits(
+    model: nn.Module, batches: Iterator[np.ndarray], layout: torch.memory_format = torch.contiguous_format
+) -> np.ndarray:
+    """Logits for normalized NCHW float32 batches, concatenated; each batch is laid out in `layout`
+    (the model's own, see inference_layout) before the forward pass."""
     model.eval()
-    outs = [model(torch.from_numpy(x)).float().numpy() for x in batches]
+    outs = [model(torch.from_numpy(x).contiguous(memory_format=layout)).float().numpy() for x in batches]
     return np.concatenate(outs) if outs else np.zeros((0, 0), dtype=np.float32)
 
 
