@@ -276,14 +276,15 @@ def prepare(data: DataConfig, base: BaseConfig, check: ValidateConfig, out: Path
     good, quarantined = _inspect_all(rows, data.source, check.max_pixels)
     good["width"] = good["width"].astype(int)
     good["height"] = good["height"].astype(int)
-    found = find_duplicates(good, **check.duplicate_search())
+    settings = check.duplicate_search()
+    found = find_duplicates(good, **settings)
     good["split"] = assign_splits(good, recorded, rule, near_contents(found, good))
     manifest.schema().validate(good, lazy=True)
     manifest_path = out / "manifest.csv"
     manifest.write(good, manifest_path)
     manifest_sha256 = sha256_file(manifest_path)
     write_split_record(out, good, rule)
-    write_record(out, place(found, good), check.duplicate_search(), manifest_sha256)
+    write_record(out, place(found, good), settings, manifest_sha256)
     (out / "quarantine.json").write_text(json.dumps(quarantined, indent=2))
     result = PrepareResult(
         manifest=_display_path(manifest_path),
