@@ -5,7 +5,8 @@ and a test holds the two together):
 - the data: the DVC hash of data.source for prepare; the content of the upstream outputs it
   reads for every later stage (the manifest, the checkpoint, the metrics, ...);
 - the params sections it reads, after overrides;
-- the code version: a hash of visiontune's own source files.
+- the stage's code: a hash of the source files it runs, its import closure (codedeps.stage_code,
+  the same list as its code deps in dvc.yaml), so a change elsewhere (serve, the CLI) reruns nothing.
 Register's key also holds the tracking URI: a new server gets its own registration.
 
 Prefect keeps each result under its key (persisted under <root>/.flow/results). A stamp beside
@@ -16,7 +17,6 @@ cached result.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -24,6 +24,7 @@ from pathlib import Path
 
 from visiontune.components.config import Params
 
+from . import codedeps
 from .stages import Layout
 
 
@@ -68,18 +69,12 @@ STAGE_INPUTS: dict[str, StageInputs] = {
 }
 
 
-@functools.cache
-def code_version() -> str:
-    """SHA-256 over visiontune's source files (components and pipelines), in a stable order."""
-    import visiontune.components
-    import visiontune.pipelines
-
+def code_version(stage: str) -> str:
+    """SHA-256 over the source files `stage` runs (its import closure), in a stable order."""
     digest = hashlib.sha256()
-    for package in (visiontune.components, visiontune.pipelines):
-        folder = Path(package.__file__).parent
-        for path in sorted(folder.glob("*.py")):
-            digest.update(f"{package.__name__}/{path.name}\0".encode())
-            digest.update(path.read_bytes())
+    for relative in codedeps.stage_code(stage):
+        digest.update(f"{relative}\0".encode())
+        digest.update(codedeps.source(relative).read_bytes())
     return digest.hexdigest()
 
 
@@ -112,7 +107,7 @@ def stage_key(stage: str, params: Params, layout: Layout, extra: str = "") -> st
     inputs = STAGE_INPUTS[stage]
     parts = {
         "stage": stage,
-        "code": code_version(),
+        "code": code_version(stage),
         "params": {name: _section(params, name) for name in inputs.params},
         "reads": {name: _content_digest(layout.root / name) for name in inputs.reads},
         "extra": extra,

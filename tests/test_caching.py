@@ -32,7 +32,7 @@ def test_the_key_changes_with_its_own_section_the_upstream_data_and_the_code(tra
     own_section = params.model_copy(update={"train": params.train.model_copy(update={"epochs": 7})})
     assert caching.stage_key("train", own_section, layout) != key
 
-    monkeypatch.setattr(caching, "code_version", lambda: "another version")
+    monkeypatch.setattr(caching, "code_version", lambda stage: "another version")
     assert caching.stage_key("train", params, layout) != key
     monkeypatch.undo()
 

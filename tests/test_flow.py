@@ -104,6 +104,11 @@ def test_a_rerun_skips_unchanged_stages_and_reruns_what_changed(trained, harness
     forced = training_pipeline(params_path=params_path, root=str(root), force=True)
     assert set(forced["stages"].values()) == {"Completed"} and forced["version"] == "2"
 
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'another.db'}")
+    moved = training_pipeline(params_path=params_path, root=str(root))
+    ran = {name for name, state in moved["stages"].items() if state != "Cached"}
+    assert ran == {"register"} and moved["version"] == "1"  # another tracking store: registered there too
+
 
 def test_the_data_triggered_run_retrains_only_on_new_data(harness, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
