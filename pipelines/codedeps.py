@@ -116,7 +116,7 @@ def _wiring_functions(stage: str) -> list[ast.FunctionDef]:
 @functools.cache
 def stage_code(stage: str) -> tuple[str, ...]:
     """The repo-relative source files stage `stage` runs, sorted: its wiring and their import closure."""
-    start = {WIRING}  # its top-level imports; of its functions, only the stage's own (other stages' aren't run)
+    start = {WIRING}  # its top-level imports, and of its functions only the stage's own
     for function in _wiring_functions(stage):
         start |= _imports(function, WIRING)
     return tuple(sorted(_closure(start)))
