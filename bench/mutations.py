@@ -1,7 +1,7 @@
 """Mutation check: flip the key comparison of each decision function in a scratch copy of the
 project and run the tests that guard it. A mutation no test catches is a hole in the suite.
 
-    python bench/mutations.py            # every mutation (about 15 minutes on 2 cores)
+    python bench/mutations.py            # every mutation (about 40 minutes on 2 cores)
     python bench/mutations.py promote    # those whose name contains "promote"
     python bench/mutations.py --list
 
@@ -45,23 +45,37 @@ MUTATIONS = [
     Mutation(
         "promote: min_improvement needs a strict win (>= became >)",
         "components/tracking.py",
-        "promoted = sign * (value - champ_value) >= cfg.min_improvement",
-        "promoted = sign * (value - champ_value) > cfg.min_improvement",
+        "promoted = gain > 0 and gain >= cfg.min_improvement",
+        "promoted = gain > 0 and gain > cfg.min_improvement",
         ("tests/test_registry.py::test_floors_min_improvement_and_direction_bite_at_their_boundary",),
     ),
     Mutation(
         "promote: a floor needs a strict win (>= became >)",
         "components/tracking.py",
-        'if not cand_metrics.get(k, float("-inf")) >= v]',
-        'if not cand_metrics.get(k, float("-inf")) > v]',
+        'if not candidate.metrics.get(k, float("-inf")) >= v]',
+        'if not candidate.metrics.get(k, float("-inf")) > v]',
         ("tests/test_registry.py::test_floors_min_improvement_and_direction_bite_at_their_boundary",),
     ),
     Mutation(
-        "promote: re-evaluation on other data skipped",
+        "promote: the logged metrics decide, not the re-scored artifact",
         "components/tracking.py",
-        'if rival.tags.get("manifest_sha256") != cand.tags.get("manifest_sha256"):',
-        "if False:",
+        "    return {**logged, **scored}",
+        "    return {**scored, **logged}",
         ("tests/test_registry.py::test_a_champion_scored_on_other_data_is_re_evaluated_and_that_decides",),
+    ),
+    Mutation(
+        "promote: the artifact's integrity not checked",
+        "components/tracking.py",
+        'if version.tags.get("manifest_sha256") == on_disk:',
+        "if False:",
+        ("tests/test_registry.py::test_an_artifact_that_does_not_score_what_was_logged_is_refused",),
+    ),
+    Mutation(
+        "promote: an exact tie promotes the challenger",
+        "components/tracking.py",
+        "promoted = gain > 0 and gain >= cfg.min_improvement",
+        "promoted = gain >= cfg.min_improvement",
+        ("tests/test_registry.py::test_an_exact_tie_keeps_the_champion",),
     ),
     Mutation(
         "promote: any registry error read as 'no such alias'",
@@ -313,6 +327,116 @@ MUTATIONS = [
         "        return min(float(found[k]), *both_ways)\n",
         "        return float(found[k])\n",
         ("tests/test_duplicates.py::test_edited_copies_of_a_line_drawing_pass_the_detail_check",),
+    ),
+    Mutation(
+        "serve: an unparseable host name counted as loopback (no token needed)",
+        "pipelines/serve.py",
+        "    except ValueError:  # a host name: it may resolve to anything\n        return False",
+        "    except ValueError:  # a host name: it may resolve to anything\n        return True",
+        ("tests/test_serve.py::test_only_a_loopback_address_serves_without_a_token",),
+    ),
+    Mutation(
+        "serve: /v1/drift open without the token",
+        "pipelines/serve.py",
+        'OPEN_PATHS = ("/healthz", "/readyz",',
+        'OPEN_PATHS = ("/v1/drift", "/healthz", "/readyz",',
+        ("tests/test_serve.py::test_a_token_guards_the_api_and_a_refused_request_never_reaches_the_model",),
+    ),
+    Mutation(
+        "serve: the token compared with startswith (an empty bearer or half the token passes)",
+        "pipelines/serve.py",
+        "hmac.compare_digest(given.strip(), self.token)",
+        "self.token.startswith(given.strip())",
+        ("tests/test_serve.py::test_a_token_guards_the_api_and_a_refused_request_never_reaches_the_model",),
+    ),
+    Mutation(
+        "serve: any scheme accepted beside the token (Basic <token>)",
+        "pipelines/serve.py",
+        'if scheme.lower() == b"bearer" and hmac',
+        "if hmac",
+        ("tests/test_serve.py::test_a_token_guards_the_api_and_a_refused_request_never_reaches_the_model",),
+    ),
+    Mutation(
+        "serve: the drift monitor ignores drift.alpha and drift.permutations",
+        "pipelines/drift_monitor.py",
+        "drift.check(self.reference, embeddings, probs, self.cfg.alpha, self.cfg.permutations)",
+        "drift.check(self.reference, embeddings, probs)",
+        (
+            "tests/test_drift_command.py::test_the_serve_monitor_checks_full_windows_and_a_swapped_out_one_takes_nothing",
+        ),
+    ),
+    Mutation(
+        "export: parity passes when a top-1 answer changes within atol",
+        "components/export.py",
+        "if max_diff > allowed or agreement < 1.0:",
+        "if max_diff > allowed:",
+        ("tests/test_export.py::test_a_changed_top1_answer_fails_parity_even_within_atol",),
+    ),
+    Mutation(
+        "export: mean and std swapped in the ONNX metadata",
+        "components/export.py",
+        '        "mean": json.dumps(list(prep.mean)),\n        "std": json.dumps(list(prep.std)),',
+        '        "mean": json.dumps(list(prep.std)),\n        "std": json.dumps(list(prep.mean)),',
+        ("tests/test_export.py::test_the_metadata_carries_a_per_channel_mean_and_std_the_right_way_round",),
+    ),
+    Mutation(
+        "predict and serve: mean and std swapped when read from the ONNX metadata",
+        "components/predict.py",
+        'self.mean, self.std = json.loads(meta["mean"]), json.loads(meta["std"])',
+        'self.std, self.mean = json.loads(meta["mean"]), json.loads(meta["std"])',
+        (
+            "tests/test_predict.py::test_predictions_equal_pytorch_on_the_test_split",
+            "tests/test_serve.py::test_a_per_channel_mean_and_std_serve_pytorchs_probabilities",
+        ),
+    ),
+    Mutation(
+        "hub: mean and std swapped in the Hub folder's config",
+        "components/hub.py",
+        '        "mean": tuple(prep.mean),\n        "std": tuple(prep.std),',
+        '        "mean": tuple(prep.std),\n        "std": tuple(prep.mean),',
+        ("tests/test_hub.py::test_a_per_channel_mean_and_std_reach_timm_the_right_way_round",),
+    ),
+    Mutation(
+        "hf_source: ClassLabel names ignored (the index becomes the label)",
+        "components/hf_source.py",
+        "        return names[value]",
+        "        return str(value)",
+        ("tests/test_hf_source.py::test_a_saved_dataset_gives_the_folders_manifest_and_is_left_untouched",),
+    ),
+    Mutation(
+        "flow: the cache key ignores the tracking URI for register",
+        "pipelines/flow.py",
+        'stage("register", extra=tracking_uri())',
+        'stage("register")',
+        ("tests/test_flow.py::test_a_rerun_skips_unchanged_stages_and_reruns_what_changed",),
+    ),
+    Mutation(
+        "flow: the cache key ignores the code (pipelines/ and components/)",
+        "pipelines/caching.py",
+        '        "code": code_version(stage),\n',
+        "",
+        ("tests/test_codedeps.py", "tests/test_caching.py"),
+    ),
+    Mutation(
+        "flow: the cache key ignores the stage's files under pipelines/",
+        "pipelines/caching.py",
+        "    for relative in codedeps.stage_code(stage):",
+        '    for relative in [r for r in codedeps.stage_code(stage) if not r.startswith("pipelines/")]:',
+        ("tests/test_codedeps.py",),
+    ),
+    Mutation(
+        "codedeps: imports inside functions not followed (lazy imports missed)",
+        "pipelines/codedeps.py",
+        "tree = _module_level(relative) if relative == WIRING else _tree(relative)",
+        "tree = _module_level(relative)",
+        ("tests/test_codedeps.py",),
+    ),
+    Mutation(
+        "codedeps: the stage's wiring module left out of its deps",
+        "pipelines/codedeps.py",
+        "    return tuple(sorted(_closure(start)))",
+        "    return tuple(sorted(_closure(start) - {WIRING}))",
+        ("tests/test_codedeps.py",),
     ),
 ]
 

@@ -259,21 +259,27 @@ def _write_checked_onnx(model, meta: dict, prep, opset: int, code: dict, prepare
 
 
 def _parity(cfg: ExportConfig, model, path: Path, batch_list: list[np.ndarray]) -> dict:
-    """onnxruntime's logits against PyTorch's on the test batches: ParityError beyond export.atol
-    or on any changed top-1; else the figures (and onnxruntime's logits, under "logits")."""
+    """onnxruntime's logits against PyTorch's on the test batches (check_parity); the figures, and
+    onnxruntime's logits under "logits"."""
     ref = models.predict_logits(model, iter(batch_list))
     got = onnx_logits(path, batch_list)
+    return {**check_parity(ref, got, cfg.atol, path), "logits": got}
+
+
+def check_parity(ref: np.ndarray, got: np.ndarray, atol: float, path: Path) -> dict[str, float]:
+    """ParityError when a logit differs by more than atol (per unit of the largest logit) or any
+    top-1 answer changes, however small the difference; else the max difference and the agreement."""
     max_diff = float(np.abs(ref - got).max())
     # float error grows with the logits' scale: atol holds per unit of the largest logit (at least 1)
-    allowed = cfg.atol * max(1.0, float(np.abs(ref).max()))
+    allowed = atol * max(1.0, float(np.abs(ref).max()))
     agreement = float((ref.argmax(1) == got.argmax(1)).mean())
     if max_diff > allowed or agreement < 1.0:
         raise ParityError(
             f"{path}: onnxruntime differs from PyTorch on {len(ref)} test images: max abs logit "
-            f"difference {max_diff:.2e} (allowed {allowed:.2e}: export.atol {cfg.atol:.0e} × the largest "
+            f"difference {max_diff:.2e} (allowed {allowed:.2e}: export.atol {atol:.0e} × the largest "
             f"logit), top-1 agreement {agreement:.4f}"
         )
-    return {"max_abs_diff": max_diff, "top1_agreement": agreement, "logits": got}
+    return {"max_abs_diff": max_diff, "top1_agreement": agreement}
 
 
 def _quantized_copy(

@@ -452,7 +452,7 @@ class PromoteResult:
     metric: str
     candidate_value: float | None
     champion_value: float | None
-    compared_on: str  # "logged metrics" or "re-evaluated on the candidate's test set"
+    compared_on: str  # the test split both models were re-scored on
 
 
 def _client():
@@ -570,7 +570,7 @@ def _test_metrics_now(version, prepared: Path, top_k: int = 5) -> dict[str, floa
     """A version's test metrics on the current manifest's test split (its ONNX, our preprocessing)."""
     import tempfile
 
-    from . import manifest, metrics
+    from . import images, manifest, metrics
     from .predict import OnnxClassifier
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -584,13 +584,80 @@ def _test_metrics_now(version, prepared: Path, top_k: int = 5) -> dict[str, floa
                 f"{version.name} v{version.version} does not know classes "
                 f"{sorted(set(test['label']) - set(index))} of the current test split; it cannot be compared"
             )
-        from . import images
-
         logits = np.concatenate(
             [model.logits(images.load_batch(test["path"].tolist()[i : i + 64], model.size))
              for i in range(0, len(test), 64)]
         )  # fmt: skip
     return metrics.summary(metrics.softmax(logits), test["label"].map(index).to_numpy(), "test", top_k)
+
+
+class IntegrityError(VisiontuneError):
+    """A registered model whose ONNX artifact does not score what its run logged on the same images."""
+
+
+def _rescored(registry: _Registry, version, prepared: Path, on_disk: str) -> dict[str, float]:
+    """The version's logged metrics, overridden by its registered ONNX model re-scored on the test
+    split on disk. When that split is the one the version was tested on (its manifest_sha256 tag),
+    a logged accuracy more than one image away from the re-score is an IntegrityError."""
+    logged = dict(registry.get_run(version.run_id).data.metrics)
+    scored = _test_metrics_now(version, prepared)
+    if version.tags.get("manifest_sha256") == on_disk:
+        one_image = 1.0 / max(1, scored["test_images"])
+        off = [
+            f"{k} logged {logged[k]:.4f}, re-scored {v:.4f}"
+            for k, v in scored.items()
+            if k.endswith("accuracy") and k in logged and abs(logged[k] - v) > one_image + 1e-9
+        ]
+        if off:
+            raise IntegrityError(
+                f"{version.name} v{version.version}: its registered model.onnx does not score what its "
+                f"run logged on the same {int(scored['test_images'])} test images ({'; '.join(off)}), "
+                "more than one image apart. The artifact or its metadata (class order, preprocessing) "
+                "differs from the model that was evaluated; the promotion is refused. Register the "
+                "model again from the pipeline's outputs (`visiontune register`)"
+            )
+    return {**logged, **scored}
+
+
+@dataclass(frozen=True)
+class Scored:
+    """A version and its metrics, as the decision sees them."""
+
+    version: str
+    metrics: dict[str, float]
+
+
+def decide_promotion(cfg: RegisterConfig, candidate: Scored, champion: Scored | None) -> tuple[bool, str]:
+    """(promoted, reason) from plain values: the floors (register.min_metrics) first, then a challenger
+    must win: better on cfg.metric, strictly, and by at least register.min_improvement. An exact tie
+    keeps the champion; with no champion, a candidate that clears the floors is promoted."""
+    value = candidate.metrics.get(cfg.metric)
+    if value is None:
+        raise VisiontuneError(
+            f"register.metric: {cfg.metric!r} is not a metric of v{candidate.version}'s run"
+        )
+    floors = [f"{k} {candidate.metrics.get(k, float('nan')):.4f} < {v}" for k, v in cfg.min_metrics.items()
+              if not candidate.metrics.get(k, float("-inf")) >= v]  # fmt: skip
+    if floors:
+        return False, "below register.min_metrics: " + "; ".join(floors)
+    if champion is None:
+        return True, "no champion yet"
+    champ_value = champion.metrics.get(cfg.metric)
+    if champ_value is None:
+        raise VisiontuneError(
+            f"register.metric: {cfg.metric!r} is not a metric of champion v{champion.version}'s run; "
+            "it cannot be compared"
+        )
+    sign = 1 if cfg.greater_is_better else -1
+    gain = sign * (value - champ_value)
+    promoted = gain > 0 and gain >= cfg.min_improvement
+    if promoted:
+        return True, f"{cfg.metric} {value:.4f} vs champion v{champion.version} {champ_value:.4f}" + (
+            f" (min_improvement {cfg.min_improvement})"
+        )
+    why = "a tie keeps the champion" if gain == 0 else f"by register.min_improvement={cfg.min_improvement}"
+    shown = f"{cfg.metric} {value:.4f} does not beat champion v{champion.version} {champ_value:.4f}"
+    return False, f"{shown} {why}"
 
 
 def _set_stage(client, name: str, version: str, stage: str, archive: bool = False) -> None:
@@ -602,17 +669,23 @@ def _set_stage(client, name: str, version: str, stage: str, archive: bool = Fals
 
 
 def promote(cfg: RegisterConfig, prepared: Path, version: str | None = None) -> PromoteResult:
-    """Make the candidate the champion when it beats it by cfg.min_improvement on cfg.metric and
+    """Make the candidate the champion when its registered model, re-scored on the test split in
+    `prepared`, beats the champion's (strictly, by at least cfg.min_improvement on cfg.metric) and
     clears cfg.min_metrics; record the decision on the version either way.
 
     A registry failure is an error, never a guess: while deciding nothing has moved yet, and the
-    message says so; after the decision, it says how far the aliases got."""
+    message says so; after the decision, it says how far the aliases got. An IntegrityError (an
+    artifact that does not score what was logged) refuses, is tagged on the candidate, and raises."""
     registry = _Registry()
     try:
         cand, champ = _promotion_versions(registry, cfg, version)
         result = _decide(registry, cfg, prepared, cand, champ)
     except RegistryError as exc:
         raise VisiontuneError(f"{exc}; nothing was changed: retry when the server answers") from None
+    except IntegrityError as exc:
+        refused = _result(cfg, cand, champ, False, f"integrity: {exc}", None, None, "integrity check")
+        _tag_decision(registry, cfg, refused)
+        raise
     if result.promoted:
         _move_aliases(registry, cfg, cand.version, champ.version if champ else None)
     _tag_decision(registry, cfg, result)
@@ -631,42 +704,23 @@ def _promotion_versions(registry: _Registry, cfg: RegisterConfig, version: str |
 
 
 def _decide(registry: _Registry, cfg: RegisterConfig, prepared: Path, cand, champ) -> PromoteResult:
-    """The decision, read-only: floors first, then the comparison with the champion, on its logged
-    metrics when both were tested on the same manifest, else both re-evaluated on the candidate's."""
-    cand_metrics = dict(registry.get_run(cand.run_id).data.metrics)
-    rival = champ if champ is not None and champ.version != cand.version else None
-    champ_metrics, compared_on = {}, "logged metrics"
-    if rival is not None:
-        champ_metrics = dict(registry.get_run(rival.run_id).data.metrics)
-        if rival.tags.get("manifest_sha256") != cand.tags.get("manifest_sha256"):
-            # tested on different data: score both on the candidate's (current) test split
-            cand_metrics = {**cand_metrics, **_test_metrics_now(cand, prepared)}
-            champ_metrics = {**champ_metrics, **_test_metrics_now(rival, prepared)}
-            compared_on = "re-evaluated on the candidate's test set"
-    value = cand_metrics.get(cfg.metric)
-    if value is None:
-        raise VisiontuneError(f"register.metric: {cfg.metric!r} is not a metric of v{cand.version}'s run")
-    champ_value = champ_metrics.get(cfg.metric) if rival is not None else None
-    floors = [f"{k} {cand_metrics.get(k, float('nan')):.4f} < {v}" for k, v in cfg.min_metrics.items()
-              if not cand_metrics.get(k, float("-inf")) >= v]  # fmt: skip
-    if floors:
-        promoted, reason = False, "below register.min_metrics: " + "; ".join(floors)
-    elif rival is None:
-        promoted, reason = champ is None, "no champion yet" if champ is None else "already the champion"
-    elif champ_value is None:
-        raise VisiontuneError(
-            f"register.metric: {cfg.metric!r} is not a metric of champion v{rival.version}'s run; "
-            "it cannot be compared"
-        )
-    else:
-        sign = 1 if cfg.greater_is_better else -1
-        promoted = sign * (value - champ_value) >= cfg.min_improvement
-        verb = "vs" if promoted else "does not beat"
-        reason = f"{cfg.metric} {value:.4f} {verb} champion v{rival.version} {champ_value:.4f}" + (
-            f" (min_improvement {cfg.min_improvement})"
-            if promoted
-            else f" by register.min_improvement={cfg.min_improvement}"
-        )
+    """The decision, read-only. The candidate's registered ONNX model and the champion's are both
+    re-scored on the test split on disk (each checked against its logged metrics when that split is
+    the one it was tested on), and decide_promotion compares the re-scored metrics."""
+    if champ is not None and champ.version == cand.version:
+        return _result(cfg, cand, champ, False, "already the champion", None, None, "nothing scored")
+    on_disk = sha256_file(prepared / "manifest.csv")
+    candidate = Scored(str(cand.version), _rescored(registry, cand, prepared, on_disk))
+    champion = Scored(str(champ.version), _rescored(registry, champ, prepared, on_disk)) if champ else None
+    promoted, reason = decide_promotion(cfg, candidate, champion)
+    n = int(candidate.metrics["test_images"])
+    compared_on = f"re-scored on the test split on disk ({n} images, manifest {on_disk[:12]})"
+    champ_value = champion.metrics.get(cfg.metric) if champion else None
+    value = candidate.metrics[cfg.metric]
+    return _result(cfg, cand, champ, promoted, reason, value, champ_value, compared_on)
+
+
+def _result(cfg, cand, champ, promoted, reason, value, champ_value, compared_on) -> PromoteResult:
     return PromoteResult(
         model_name=cfg.model_name, candidate=str(cand.version),
         champion_before=str(champ.version) if champ else None, promoted=promoted, reason=reason,
@@ -701,14 +755,14 @@ def _move_aliases(registry: _Registry, cfg: RegisterConfig, candidate: str, cham
 def _tag_decision(registry: _Registry, cfg: RegisterConfig, result: PromoteResult) -> None:
     """The decision, its reason and the two values, as tags on the candidate version."""
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    champion = result.champion_value
+    champion, value = result.champion_value, result.candidate_value
     for key, val in {
         "promotion.decision": "promoted" if result.promoted else "refused",
         "promotion.time": stamp,
         "promotion.reason": result.reason,
         "promotion.compared_on": result.compared_on,
         "promotion.champion_before": result.champion_before or "none",
-        f"promotion.candidate.{cfg.metric}": f"{result.candidate_value:.6g}",
+        f"promotion.candidate.{cfg.metric}": "none" if value is None else f"{value:.6g}",
         f"promotion.champion.{cfg.metric}": "none" if champion is None else f"{champion:.6g}",
     }.items():
         registry.set_model_version_tag(cfg.model_name, result.candidate, key, val)

@@ -124,6 +124,25 @@ def well_trained(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def imagenet_exported(tmp_path_factory):
+    """A model whose mean and std differ per channel (ResNet-18 with ImageNet normalization, random
+    weights, 1 epoch), evaluated and exported: with Lite0 (mean = std = 0.5) a swapped mean and std
+    is invisible. (params, layout)."""
+    from visiontune.pipelines import stages
+
+    root = tmp_path_factory.mktemp("imagenet")
+    params = tiny_params(
+        write_digits(root / "raw"),
+        model={"name": "resnet18", "pretrained": False},
+        validate={"label_audit": False},  # the audit would judge random features
+    )
+    layout = stages.Layout(root / "prepared")
+    for name in ("prepare", "validate", "train", "evaluate", "export"):
+        stages.STAGES[name](params, layout)
+    return params, layout
+
+
+@pytest.fixture(scope="session")
 def damaged(well_trained, tmp_path_factory):
     """A worse model by construction: a copy of `well_trained` whose classifier rows are rotated by
     one class (every prediction moves to the next class), evaluated and exported again:

@@ -132,7 +132,8 @@ def test_the_serve_monitor_checks_full_windows_and_a_swapped_out_one_takes_nothi
     rng = np.random.default_rng(0)
     probs = rng.dirichlet(np.ones(3), size=100).astype(np.float32)
     reference = drift.build_reference(rng.normal(size=(100, 16)).astype(np.float32), probs, ["a", "b", "c"])
-    monitor = DriftMonitor(reference, 10, DriftConfig(), DriftGauges(CollectorRegistry()), "7")
+    cfg = DriftConfig(alpha=0.2, permutations=199)  # not the defaults: the checks must use these
+    monitor = DriftMonitor(reference, 10, cfg, DriftGauges(CollectorRegistry()), "7")
     logits, embeddings = rng.normal(size=(25, 3)), rng.normal(size=(25, 16)).astype(np.float32)
     monitor.add(logits, embeddings)  # two full windows and 5 images toward a third
     deadline = time.monotonic() + 30
@@ -141,6 +142,9 @@ def test_the_serve_monitor_checks_full_windows_and_a_swapped_out_one_takes_nothi
     state = monitor.state()
     assert len(state["windows"]) == 2 and state["images_in_next_window"] == 5 and state["version"] == "7"
     assert all(w["window"] == 10 and set(w["tests"]) == {"mmd", "ks", "chi2"} for w in state["windows"])
+    assert all(
+        w["alpha"] == 0.2 and w["tests"]["mmd"]["detail"]["permutations"] == 199 for w in state["windows"]
+    )
     monitor.close()  # swapped out: a request still running on this version must not fail
     monitor.add(logits, embeddings)
     assert monitor.state()["images_in_next_window"] == 5

@@ -28,11 +28,38 @@ def test_export_checks_parity_and_writes_metadata(trained):
         assert onnx_logits(layout.export / "model.onnx", [x]).shape == (batch, 3)
 
 
+def test_the_metadata_carries_a_per_channel_mean_and_std_the_right_way_round(imagenet_exported):
+    """ResNet-18's ImageNet mean and std differ per channel and from each other (Lite0's do not)."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    params, layout = imagenet_exported
+    meta = {p.key: p.value for p in onnx.load(str(layout.export / "model.onnx")).metadata_props}
+    assert json.loads(meta["mean"]) == pytest.approx(IMAGENET_DEFAULT_MEAN)
+    assert json.loads(meta["std"]) == pytest.approx(IMAGENET_DEFAULT_STD)
+    exported = json.loads((layout.export / "export.json").read_text())
+    assert exported["top1_agreement"] == 1.0 and exported["max_abs_diff"] <= 1e-4
+
+
 def test_failed_parity_leaves_no_model_behind(trained, tmp_path):
     params, layout = trained
     with pytest.raises(ParityError, match="max abs logit difference"):
         export(ExportConfig(atol=1e-15), layout.prepare, layout.train, tmp_path / "export")
     assert not (tmp_path / "export" / "model.onnx").exists()
+
+
+def test_a_changed_top1_answer_fails_parity_even_within_atol():
+    from pathlib import Path
+
+    from visiontune.components.export import check_parity
+
+    ref = np.array([[1.0, 1.00002, 0.0], [2.0, 0.0, 0.0]], dtype=np.float32)
+    assert check_parity(ref, ref + 5e-5, 1e-4, Path("m.onnx"))["top1_agreement"] == 1.0
+    swapped = ref.copy()
+    swapped[0, :2] = swapped[0, 1::-1]  # 2e-5 apart, well within atol, but the answer changes
+    with pytest.raises(ParityError, match="top-1 agreement 0.5000"):
+        check_parity(ref, swapped, 1e-4, Path("m.onnx"))
+    with pytest.raises(ParityError, match="max abs logit difference 1.00e-03"):
+        check_parity(ref, ref + np.float32(1e-3), 1e-4, Path("m.onnx"))
 
 
 def test_lineage_in_metadata_is_the_real_manifest_and_commit(trained):

@@ -17,7 +17,8 @@ from visiontune.components.images import sha256_file
 from visiontune.components.prepare import prepare
 
 datasets = pytest.importorskip("datasets")
-CLASSES = ["0", "1", "2"]
+CLASSES = ["one", "two", "zero"]  # names unlike their indices: reading the indices as labels shows
+NAMES = {"0": "zero", "1": "one", "2": "two"}
 
 
 def _run(params, out):
@@ -45,6 +46,8 @@ def folder(tmp_path_factory):
     """30 digits as a folder, and its manifest prepared the ordinary way."""
     root = tmp_path_factory.mktemp("hf")
     data = write_digits(root / "raw", per_class=10)
+    for digit, name in NAMES.items():
+        (data / digit).rename(data / name)
     _run(tiny_params(data), root / "from-folder")
     return data, _rows(root / "from-folder")
 
@@ -146,7 +149,7 @@ def test_images_are_written_once_and_a_shrunk_dataset_leaves_no_stale_copies(fol
     full.select(range(20)).save_to_disk(str(tmp_path / "v2"))
     result = _run(tiny_params(tmp_path / "v2"), out)
     assert result.n_images == 20 and len(list((out / "hf").rglob("*.png"))) == 20
-    assert set(manifest.read(out / "manifest.csv")["label"]) == {"0", "1"}  # class 2 was rows 20-29
+    assert set(manifest.read(out / "manifest.csv")["label"]) == {"one", "two"}  # "zero" was rows 20-29
 
 
 def test_audit_reads_a_saved_dataset_like_a_folder(folder, tmp_path):

@@ -93,6 +93,27 @@ def test_timm_local_dir_rebuilds_the_checkpoint_with_its_preprocessing(exported)
         assert np.abs(ours - theirs).max() <= 1e-6, image.size
 
 
+def test_a_per_channel_mean_and_std_reach_timm_the_right_way_round(imagenet_exported):
+    """ResNet-18 with ImageNet normalization: the Hub folder's config gives timm the checkpoint's mean
+    and std (which differ per channel and from each other), so timm's own transform and model rebuilt
+    from the folder give the checkpoint's logits on the test images."""
+    import timm
+
+    from visiontune.components.images import load_image
+
+    params, layout = imagenet_exported
+    prep = models.preprocessing_of(json.loads((layout.train / "checkpoint.json").read_text()))
+    assert len(set(prep.mean)) == 3 and set(prep.mean).isdisjoint(prep.std)
+    pretrained = json.loads((layout.export / "hf" / "config.json").read_text())["pretrained_cfg"]
+    assert pretrained["mean"] == pytest.approx(prep.mean) and pretrained["std"] == pytest.approx(prep.std)
+    model = timm.create_model(f"local-dir:{layout.export / 'hf'}", pretrained=True).eval()
+    transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model))
+    with torch.no_grad():
+        theirs = model(torch.stack([transform(load_image(p)) for p in _test_paths(layout)])).numpy()
+    checkpoint, _ = models.load_checkpoint(layout.train)
+    assert np.abs(theirs - _logits(checkpoint, layout)).max() <= 1e-4
+
+
 def test_transformers_pipeline_gives_predicts_top1_on_every_test_image(exported, monkeypatch):
     from transformers import pipeline
 

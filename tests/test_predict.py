@@ -3,9 +3,10 @@
 import json
 
 import numpy as np
+import pytest
 from typer.testing import CliRunner
 
-from visiontune.components import manifest
+from visiontune.components import manifest, metrics
 from visiontune.components import model as models
 from visiontune.components.evaluate import batches
 from visiontune.components.predict import OnnxClassifier, collect
@@ -13,20 +14,26 @@ from visiontune.pipelines import stages
 from visiontune.pipelines.cli import app
 
 
-def test_predictions_equal_pytorch_on_the_test_split(trained):
-    params, layout = trained
-    stages.export(params, layout)
+@pytest.mark.parametrize("run", ["trained", "imagenet_exported"])
+def test_predictions_equal_pytorch_on_the_test_split(run, request):
+    """Lite0 (mean = std = 0.5) and ResNet-18 (ImageNet mean and std, per channel): predict reads the
+    preprocessing from the ONNX metadata and gives PyTorch's probabilities, not only its answers."""
+    params, layout = request.getfixturevalue(run)
+    if run == "trained":
+        stages.export(params, layout)
     frame = manifest.read(layout.prepare / "manifest.csv")
     paths = frame.loc[frame["split"] == "test", "path"].tolist()
     model, meta = models.load_checkpoint(layout.train)
     prep = models.preprocessing_of(meta)
     torch_logits = models.predict_logits(model, batches(paths, prep.size, prep.mean, prep.std, 16))
     expected = [meta["class_names"][i] for i in torch_logits.argmax(1)]
-    results = OnnxClassifier(layout.export / "model.onnx").predict(paths, top_k=2)
+    classifier = OnnxClassifier(layout.export / "model.onnx")
+    assert (classifier.mean, classifier.std) == (list(prep.mean), list(prep.std))
+    results = classifier.predict(paths, top_k=2)
     assert [r["label"] for r in results] == expected
     assert all(len(r["top_k"]) == 2 and r["top_k"][0]["label"] == r["label"] for r in results)
     probs = np.array([r["confidence"] for r in results])
-    assert ((probs > 0) & (probs <= 1)).all()
+    assert np.abs(probs - metrics.softmax(torch_logits.astype(np.float64)).max(1)).max() <= 1e-4
 
 
 def test_cli_predicts_a_folder_and_reports_unreadable_files(trained, tmp_path):

@@ -24,26 +24,26 @@ def _named(params, name, **register):
     return params.model_copy(update={"register_": cfg})
 
 
-def test_promote_refuse_promote_then_rollback(exported, mlflow_server, monkeypatch, tmp_path):
-    params, layout = exported
+def test_promote_refuse_promote_then_rollback(well_trained, damaged, mlflow_server, monkeypatch):
+    (params, good), (_, bad) = well_trained, damaged
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     p = _named(params, "promo")
     client = MlflowClient(mlflow_server)
 
-    v1 = stages.register(p, layout).version
-    first = promote(p.register_, layout.prepare)
+    v1 = stages.register(p, bad).version
+    first = promote(p.register_, bad.prepare)
     assert first.promoted and first.reason == "no champion yet"
     assert client.get_model_version_by_alias("promo", "champion").version == v1
 
-    v2 = stages.register(p, layout).version
-    strict = _named(params, "promo", min_improvement=0.01).register_
-    refused = promote(strict, layout.prepare)
+    v2 = stages.register(p, good).version
+    strict = _named(params, "promo", min_improvement=2.0).register_  # more than accuracy can gain
+    refused = promote(strict, good.prepare)
     assert not refused.promoted and "does not beat champion v1" in refused.reason
     assert client.get_model_version_by_alias("promo", "champion").version == v1
     tags = client.get_model_version("promo", v2).tags
     assert tags["promotion.decision"] == "refused" and tags["promotion.champion_before"] == v1
 
-    second = promote(p.register_, layout.prepare)
+    second = promote(p.register_, good.prepare)
     assert second.promoted and second.champion_before == v1
     assert client.get_model_version_by_alias("promo", "champion").version == v2
     assert client.get_model_version_by_alias("promo", "previous").version == v1
@@ -56,6 +56,59 @@ def test_promote_refuse_promote_then_rollback(exported, mlflow_server, monkeypat
     assert client.get_model_version("promo", v1).current_stage == "Production"
     with pytest.raises(VisiontuneError, match="nothing to roll back to"):
         rollback(p.register_)
+
+
+def test_an_exact_tie_keeps_the_champion(well_trained, mlflow_server, monkeypatch):
+    """A challenger must win: the same model registered again scores the same and is refused."""
+    params, good = well_trained
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    p = _named(params, "tie")
+    v1 = stages.register(p, good).version
+    assert promote(p.register_, good.prepare).promoted
+    stages.register(p, good)
+    tie = promote(p.register_, good.prepare)
+    assert not tie.promoted and tie.candidate_value == tie.champion_value
+    assert tie.reason.endswith("a tie keeps the champion"), tie.reason
+    assert MlflowClient(mlflow_server).get_model_version_by_alias("tie", "champion").version == v1
+
+
+def _rotate_class_names(onnx_path) -> None:
+    """The exported model with its class names shifted by one in the metadata: the same weights
+    and the same logged metrics, but every answer named as the next class."""
+    import onnx
+
+    model = onnx.load(str(onnx_path))
+    for prop in model.metadata_props:
+        if prop.key == "class_names":
+            names = json.loads(prop.value)
+            prop.value = json.dumps(names[1:] + names[:1])
+    onnx.save(model, str(onnx_path))
+
+
+def test_an_artifact_that_does_not_score_what_was_logged_is_refused(
+    well_trained, mlflow_server, monkeypatch, tmp_path
+):
+    """Before, a version whose ONNX class order was rotated was promoted on its logged metrics
+    ("1.0000 vs 1.0000"); re-scored, it gets every test image wrong, and promote refuses."""
+    import shutil
+
+    params, good = well_trained
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    rotated = stages.Layout(tmp_path / "prepared")
+    shutil.copytree(good.root, rotated.root)
+    _rotate_class_names(rotated.export / "model.onnx")
+    p = _named(params, "integrity")
+    client = MlflowClient(mlflow_server)
+    v1 = stages.register(p, good).version
+    assert promote(p.register_, good.prepare).promoted
+    v2 = stages.register(p, rotated).version
+    logged = _logged(client, "integrity", v2)
+    with pytest.raises(VisiontuneError, match=rf"v{v2}: its registered model.onnx does not score") as caught:
+        promote(p.register_, rotated.prepare)
+    assert f"test_accuracy logged {logged:.4f}, re-scored 0.0000" in str(caught.value)
+    assert client.get_model_version_by_alias("integrity", "champion").version == v1
+    tags = client.get_model_version("integrity", v2).tags
+    assert tags["promotion.decision"] == "refused" and tags["promotion.reason"].startswith("integrity: ")
 
 
 def _accuracy(layout) -> float:
@@ -90,7 +143,8 @@ def test_the_better_version_is_promoted_in_either_order(well_trained, damaged, m
     assert promote(p.register_, bad.prepare).promoted  # the first version has no rival
     v2 = stages.register(p, good).version
     won = promote(p.register_, good.prepare)
-    assert won.promoted and f"vs champion v{v1}" in won.reason and won.compared_on == "logged metrics"
+    assert won.promoted and f"vs champion v{v1}" in won.reason
+    assert won.compared_on.startswith("re-scored on the test split on disk")
     assert (won.candidate_value, won.champion_value) == (_accuracy(good), _accuracy(bad))
     assert client.get_model_version_by_alias("bad-first", "champion").version == v2
     assert client.get_model_version_by_alias("bad-first", "previous").version == v1
@@ -106,11 +160,15 @@ def test_floors_min_improvement_and_direction_bite_at_their_boundary(
     stages.register(p, bad)
     assert promote(p.register_, bad.prepare).promoted
     v2 = stages.register(p, good).version
-    ours, theirs = _logged(client, "edges", v2), _logged(client, "edges", "1")
-    gap, above = ours - theirs, math.nextafter(ours - theirs, math.inf)
 
     def decide(**register):
         return promote(_named(params, "edges", **register).register_, good.prepare)
+
+    scored = decide(min_improvement=2.0)  # refused: the re-scored values the rules are applied to
+    ours, theirs = scored.candidate_value, scored.champion_value
+    one_image = 1 / json.loads((good.evaluate / "metrics.json").read_text())["test_images"]
+    assert abs(ours - _logged(client, "edges", v2)) <= one_image
+    gap, above = ours - theirs, math.nextafter(ours - theirs, math.inf)
 
     floor_missed = decide(min_metrics={"test_accuracy": math.nextafter(ours, math.inf)})
     assert not floor_missed.promoted and "below register.min_metrics" in floor_missed.reason
@@ -141,7 +199,7 @@ def test_a_champion_scored_on_other_data_is_re_evaluated_and_that_decides(
 
     v2 = stages.register(p, good).version
     result = promote(p.register_, good.prepare)
-    assert result.compared_on == "re-evaluated on the candidate's test set"
+    assert result.compared_on.startswith("re-scored on the test split on disk")
     assert result.champion_value == pytest.approx(_accuracy(bad))  # its real score here, not 1.0
     assert result.candidate_value == pytest.approx(_accuracy(good))
     assert result.promoted and _logged(client, "other-data", v2) < 1.0 + 0.01
@@ -270,6 +328,6 @@ def test_promote_command_exit_code_tells_promotion_from_refusal(
     args = ["promote", "--params", str(tmp_path / "params.yaml"), "--root", str(layout.root)]
     promoted = CliRunner().invoke(app, args)
     assert promoted.exit_code == 0, promoted.output
-    assert json.loads(promoted.output[: promoted.output.rindex("}") + 1])["promoted"] is True
+    assert json.loads(promoted.stdout[: promoted.stdout.rindex("}") + 1])["promoted"] is True
     refused = CliRunner().invoke(app, [*args, "--set", "register.min_improvement=0.5"])
     assert refused.exit_code == 2 and "not promoted" in refused.output

@@ -127,6 +127,32 @@ def test_predictions_over_http_equal_visiontune_predict(server):
     assert body["label"] == expected[Path(paths[0]).name]["label"]
 
 
+def test_a_per_channel_mean_and_std_serve_pytorchs_probabilities(imagenet_exported, tmp_path):
+    """ResNet-18 with ImageNet normalization (Lite0's mean = std = 0.5 hides a swap): the served
+    probabilities are the PyTorch checkpoint's, scored independently of predict and serve."""
+    from visiontune.components import metrics
+    from visiontune.components import model as models
+    from visiontune.components.evaluate import batches
+
+    params, layout = imagenet_exported
+    frame = manifest.read(layout.prepare / "manifest.csv")
+    paths = frame.loc[frame["split"] == "test", "path"].tolist()[:4]
+    model, meta = models.load_checkpoint(layout.train)
+    prep = models.preprocessing_of(meta)
+    probs = metrics.softmax(
+        models.predict_logits(model, batches(paths, prep.size, prep.mean, prep.std, 16)).astype(np.float64)
+    )
+    n = len(meta["class_names"])
+    with serving(tmp_path, "--model", str(layout.export / "model.onnx")) as url:
+        info = httpx.get(f"{url}/v1/model").json()
+        r = httpx.post(f"{url}/v1/predict", params={"top_k": n}, files=_multipart(paths), timeout=30)
+    assert r.status_code == 200, r.text
+    assert (info["mean"], info["std"]) == (list(prep.mean), list(prep.std))
+    for got, want in zip(r.json()["predictions"], probs, strict=True):
+        served = {t["label"]: t["probability"] for t in got["top_k"]}
+        np.testing.assert_allclose([served[c] for c in meta["class_names"]], want, atol=1e-4)
+
+
 def _png(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, "PNG")
@@ -421,6 +447,29 @@ def test_serve_errors_name_the_fix(tmp_path):
     assert bad_key.exit_code == 1 and "serve.max_batch" in bad_key.output
 
 
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [("127.0.0.1", True), ("127.8.9.1", True), ("::1", True), ("localhost", True), ("0.0.0.0", False),
+     ("::", False), ("192.168.1.20", False), ("my-host.example", False), ("127.0.0.1.nip.io", False),
+     ("", False)],
+)  # fmt: skip
+def test_only_a_loopback_address_serves_without_a_token(host, loopback, monkeypatch):
+    """A host name may resolve to anything: only loopback addresses (and localhost) need no token."""
+    from visiontune.components.config import ServeConfig
+    from visiontune.components.errors import VisiontuneError
+    from visiontune.pipelines.serve import serve_token
+
+    monkeypatch.delenv("VISIONTUNE_SERVE_TOKEN", raising=False)
+    cfg = ServeConfig.model_construct(**{**ServeConfig().model_dump(), "host": host})
+    if loopback:
+        assert serve_token(cfg) is None
+    else:
+        with pytest.raises(VisiontuneError, match="needs a token"):
+            serve_token(cfg)
+    exposed = cfg.model_copy(update={"token": "a-long-random-secret"})
+    assert serve_token(exposed) == "a-long-random-secret"
+
+
 def test_off_loopback_serve_refuses_to_start_without_a_token(exported, monkeypatch):
     params, layout = exported
     monkeypatch.delenv("VISIONTUNE_SERVE_TOKEN", raising=False)
@@ -444,12 +493,16 @@ def test_a_token_guards_the_api_and_a_refused_request_never_reaches_the_model(se
             return sum(found)
 
         before = images_served()
-        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": token}):
+        wrong = ("Bearer wrong", token, "Bearer", f"Bearer {token[:8]}", f"Bearer {token}x", f"Basic {token}")
+        for headers in ({}, *({"Authorization": value} for value in wrong)):
             r = httpx.post(f"{url}/v1/predict", files=image, headers=headers)
-            assert r.status_code == 401 and r.headers["WWW-Authenticate"] == "Bearer"
+            assert r.status_code == 401 and r.headers["WWW-Authenticate"] == "Bearer", headers
             assert r.json()["error"] == "unauthorized"
-        assert httpx.get(f"{url}/v1/model").status_code == 401
-        assert httpx.get(f"{url}/metrics").status_code == 401
+        schema = httpx.get(f"{url}/openapi.json").json()
+        guarded = {path for path in schema["paths"] if path not in ("/healthz", "/readyz")} | {"/metrics"}
+        assert {"/v1/predict", "/v1/model", "/v1/drift"} <= guarded
+        for path in guarded:  # every route but the health checks, whatever its method
+            assert httpx.get(f"{url}{path}").status_code == 401, path
         assert images_served() == before  # the refused requests never reached the model
         assert (
             httpx.get(f"{url}/healthz").status_code == 200 and httpx.get(f"{url}/readyz").status_code == 200

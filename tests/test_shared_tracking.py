@@ -39,24 +39,26 @@ def client_env(team_mlflow_server, monkeypatch):
     return MlflowClient(team_mlflow_server)
 
 
-def test_register_promote_refuse_and_rollback_as_on_sqlite(exported, client_env, s3_endpoint, tmp_path):
-    params, layout = exported
+def test_register_promote_refuse_and_rollback_as_on_sqlite(
+    well_trained, damaged, client_env, s3_endpoint, tmp_path
+):
+    (params, good), (_, bad) = well_trained, damaged
     client = client_env
     p = _named(params, "team-promo")
 
-    v1 = stages.register(p, layout).version
+    v1 = stages.register(p, bad).version
     assert v1 == "1"
-    first = promote(p.register_, layout.prepare)
+    first = promote(p.register_, bad.prepare)
     assert first.promoted and first.reason == "no champion yet"
     assert client.get_model_version_by_alias("team-promo", "champion").version == v1
 
-    v2 = stages.register(p, layout).version
+    v2 = stages.register(p, good).version
     assert v2 == "2"
-    refused = promote(_named(params, "team-promo", min_improvement=0.01).register_, layout.prepare)
+    refused = promote(_named(params, "team-promo", min_improvement=2.0).register_, good.prepare)
     assert not refused.promoted and "does not beat champion v1" in refused.reason
     assert client.get_model_version("team-promo", v2).tags["promotion.decision"] == "refused"
 
-    second = promote(p.register_, layout.prepare)
+    second = promote(p.register_, good.prepare)
     assert second.promoted and second.champion_before == v1
     assert client.get_model_version_by_alias("team-promo", "champion").version == v2
     assert client.get_model_version_by_alias("team-promo", "previous").version == v1
