@@ -8,7 +8,7 @@ export PATH := $(BIN):$(PATH)
 # pip's index configuration on some machines warns about every missing local index entry
 QUIET_PIP := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: install run test test-floors lint docs docs-serve mlflow-ui mlflow-server mlflow-team-server prefect-server prefect-worker clean
+.PHONY: install run test bench-check test-floors lint docs docs-serve mlflow-ui mlflow-server mlflow-team-server prefect-server prefect-worker clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -25,6 +25,10 @@ run: install
 
 test: install
 	python -m pytest
+
+# the headline CPU figures rerun and compared with bench/results/check.json (about 8 minutes)
+bench-check: install
+	python bench/check.py
 
 # the unit tests in a venv of their own (.venv-floors) with every dependency at its floor
 test-floors:

@@ -1,14 +1,20 @@
-"""MkDocs hook: generates the parameter and CLI references from the code at build time.
+"""MkDocs hook: generates the parameter and CLI references from the code at build time, and renders
+recorded benchmark figures into the pages that show them.
 
 Registered under `hooks:` in mkdocs.yml. The parameter reference reads the pydantic models of
 components/config.py (type, default, allowed values, `Field(description=...)`) and dvc.yaml (which
 stage reads which section); the CLI reference reads the typer app of pipelines/cli.py. Nothing
-generated is committed: the pages exist only in the built site.
+generated is committed: the pages exist only in the built site. A line `<!-- bench: NAME -->` in a
+page becomes the table of bench/results/NAME.json (written by the bench's `--record`), with its
+commit, date, machine and command, and a warning when a file it measured has changed since.
 """
 
 from __future__ import annotations
 
+import hashlib
 import inspect
+import json
+import re
 import types
 import typing
 from pathlib import Path
@@ -247,6 +253,58 @@ def cli_markdown() -> str:
     return "\n".join(lines)
 
 
+# ---- recorded benchmark figures ------------------------------------------------------------------
+
+BENCH_MARK = re.compile(r"^<!-- bench: ([\w-]+) -->$", re.MULTILINE)
+
+
+def changed_since_recorded(record: dict, root: Path = ROOT) -> list[str]:
+    """The measured files whose content differs from what they were when the figures were recorded."""
+    changed = []
+    for name, digest in record.get("files", {}).items():
+        path = root / name
+        if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != digest:
+            changed.append(name)
+    return changed
+
+
+def bench_markdown(name: str, root: Path = ROOT) -> str:
+    """The figures of bench/results/<name>.json as a table, under where and how they were measured."""
+    path = root / "bench" / "results" / f"{name}.json"
+    if not path.exists():
+        return f'!!! warning "Not recorded"\n    `bench/results/{name}.json` does not exist yet.\n'
+    record = json.loads(path.read_text())
+    dirty = " plus uncommitted changes" if record.get("uncommitted_changes") else ""
+    lines = []
+    changed = changed_since_recorded(record, root)
+    if changed:
+        shown = ", ".join(f"`{f}`" for f in changed[:8]) + (
+            f" and {len(changed) - 8} more" if len(changed) > 8 else ""
+        )
+        lines += [
+            '!!! warning "Older than the code it measures"',
+            f"    These figures were recorded before {shown} changed. Rerun `{record['command']}`.",
+            "",
+        ]
+    lines += [
+        f"Recorded by `{record['command']}` at commit `{record['commit'][:12]}`{dirty} on "
+        f"{record['date'][:10]}, {record['machine']} (load average {record['load_average'][0]} at the "
+        f"start), in {record['seconds']} s. `make bench-check` reruns them and fails on a regression.",
+        "",
+        "| figure | recorded | target | fails when |",
+        "|---|---:|---:|---|",
+    ]
+    for figure in record["figures"].values():
+        fmt = figure["fmt"]
+        worse = "lower" if figure["better"] == "higher" else "higher"
+        tolerance = f"{figure['tolerance']:.0%}" if figure["relative"] else f"{figure['tolerance']:g}"
+        target = "" if figure["target"] is None else f"{figure['target']:g}"
+        lines.append(
+            f"| {figure['what']} | {figure['value']:{fmt}} | {target} | {tolerance} {worse} than recorded |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 # ---- MkDocs events --------------------------------------------------------------------------------
 
 
@@ -257,3 +315,8 @@ def on_files(files: Any, config: Any) -> Any:
     for path, render in ((PARAMETERS, parameters_markdown), (CLI, cli_markdown)):
         files.append(File.generated(config, path, content=render()))
     return files
+
+
+def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
+    """Each `<!-- bench: NAME -->` line rendered from bench/results/NAME.json."""
+    return BENCH_MARK.sub(lambda m: bench_markdown(m.group(1)), markdown)
