@@ -35,6 +35,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -158,6 +159,7 @@ def _quiet():
 def digits_part(work: Path) -> tuple[dict[str, float], dict]:
     """The shipped params on digits, three methods; the full run scored on the test split each epoch."""
     import torch
+    from train_throughput import _test_scorer
 
     from visiontune.components import images, manifest
     from visiontune.components import model as models
@@ -178,7 +180,7 @@ def digits_part(work: Path) -> tuple[dict[str, float], dict]:
         p = params.model_copy(update={"train": params.train.model_copy(update={"method": method})})
         marks: list[tuple[int, float, float]] = []
         hook = None
-        if method == "full":
+        if method == "full":  # scored after every epoch with the throughput bench's hook, never stopping
             size = stages.image_size(p, layout.prepare)
             _, prep = models.create(p.model.model_copy(update={"image_size": size, "pretrained": False}),
                                     num_classes=frame["label"].nunique())  # fmt: skip
@@ -187,7 +189,7 @@ def digits_part(work: Path) -> tuple[dict[str, float], dict]:
             x = torch.from_numpy(
                 images.normalize(images.load_batch(test["path"].tolist(), size), prep.mean, prep.std)
             )
-            hook = _epoch_scorer(x, y, marks)
+            hook, marks = _test_scorer(x, y, float("inf"))
         started = time.perf_counter()
         with _quiet():
             train(p.train, p.model, p.base, layout.prepare, layout.train, layout.cache, "never", hook)
@@ -202,28 +204,8 @@ def digits_part(work: Path) -> tuple[dict[str, float], dict]:
                 "  full, test accuracy by epoch: " + ", ".join(f"e{e} {a:.4f}@{s:.0f}s" for e, s, a in marks)
             )
             state["full_checkpoint"] = work / "full-checkpoint"
-            subprocess.run(["cp", "-r", str(layout.train), str(state["full_checkpoint"])], check=True)
+            shutil.copytree(layout.train, state["full_checkpoint"])
     return figures, state
-
-
-def _epoch_scorer(x, y: np.ndarray, marks: list):
-    """An on_epoch_end hook appending (epoch, stage seconds less scoring, test accuracy) to marks."""
-    import torch
-
-    start, excluded = time.perf_counter(), 0.0
-
-    def score(epoch: int, model) -> None:
-        nonlocal excluded
-        t = time.perf_counter()
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            acc = float((model(x.to(next(model.parameters()).device)).argmax(1).cpu().numpy() == y).mean())
-        model.train(was_training)
-        marks.append((epoch, t - start - excluded, acc))
-        excluded += time.perf_counter() - t
-
-    return score
 
 
 def loop_part(work: Path, state: dict, figures: dict[str, float]) -> dict[str, float]:
@@ -296,7 +278,6 @@ def drift_part(state: dict) -> dict[str, float]:
 def measure(parts: set[str], work: Path) -> dict[str, float]:
     figures: dict[str, float] = {}
     state: dict = {}
-    timings = {}
     for part in PARTS:
         if part not in parts:
             continue
@@ -313,7 +294,6 @@ def measure(parts: set[str], work: Path) -> dict[str, float]:
         else:
             got = drift_part(state)
         figures |= got
-        timings[part] = time.perf_counter() - t
         print(f"{part}: {time.perf_counter() - t:.0f} s", flush=True)
     return figures
 
