@@ -503,6 +503,25 @@ class ConfigError(VisiontuneError, ValueError):
     """params.yaml is missing, malformed, or holds an unknown or invalid key."""
 
 
+def _override(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set 'section.key' (or 'section.sub.key') in the parsed YAML; an empty section counts as {}."""
+    *parents, key = dotted.split(".")
+    if not parents or not all(parents) or not key:
+        raise ConfigError(f"override {dotted!r}: write it as section.key, e.g. train.lr or train.lora.r")
+    node = raw
+    for depth, name in enumerate(parents):
+        child = node.get(name)
+        if child is None:  # absent, or an empty section (`serve:` with nothing under it)
+            child = node[name] = {}
+        if not isinstance(child, dict):
+            where = ".".join(parents[: depth + 1])
+            raise ConfigError(
+                f"override {dotted!r}: {where} is a value, not a section; set {where}=... instead"
+            )
+        node = child
+    node[key] = value
+
+
 def load_params(
     path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None, missing_ok: bool = False
 ) -> Params:
@@ -518,11 +537,9 @@ def load_params(
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected sections (base, data, model, ...), got {type(raw).__name__}")
+    raw = {section: {} if values is None else values for section, values in raw.items()}  # `serve:` alone
     for dotted, value in (overrides or {}).items():
-        section, _, key = dotted.partition(".")
-        if not key:
-            raise ConfigError(f"override {dotted!r}: write it as section.key, e.g. train.lr")
-        raw.setdefault(section, {})[key] = value
+        _override(raw, dotted, value)
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:

@@ -70,3 +70,19 @@ def test_split_fractions_must_leave_training_data():
 def test_missing_params_file_says_where(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_params(tmp_path / "nope.yaml")
+
+
+def test_nested_overrides_and_empty_sections(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  epochs: 3\n  lora:\n    r: 4\nserve:\n")  # `serve:` alone parses as None
+    params = load_params(path, {"train.lora.r": 8, "serve.port": 9001, "register.min_metrics.test_f1": 0.9})
+    assert params.train.lora.r == 8 and params.train.lora.alpha == 8.0
+    assert params.serve.port == 9001
+    assert params.register_.min_metrics == {"test_f1": 0.9}
+    with pytest.raises(ConfigError, match=r"train\.lora\.rank: unknown key"):
+        load_params(path, {"train.lora.rank": 8})
+    with pytest.raises(ConfigError, match=r"train\.epochs is a value, not a section"):
+        load_params(path, {"train.epochs.x": 1})
+    with pytest.raises(ConfigError, match="write it as section.key"):
+        load_params(path, {"train": 1})
+    assert load_params(path).serve.port == 8000  # an empty section takes every default
