@@ -238,15 +238,27 @@ TOKEN_ENV = "VISIONTUNE_SERVE_TOKEN"
 OPEN_PATHS = ("/healthz", "/readyz", "/", "/docs", "/openapi.json", "/docs/oauth2-redirect")
 
 
+MIN_TOKEN_CHARS = 16
+_NEW_TOKEN = f"e.g. `export {TOKEN_ENV}=$(openssl rand -hex 32)`"
+
+
 def serve_token(cfg: ServeConfig) -> str | None:
-    """The bearer token clients must send: $VISIONTUNE_SERVE_TOKEN, else serve.token, else none.
-    Binding to anything but loopback without one is refused: the model would be open to anyone."""
-    token = os.environ.get(TOKEN_ENV) or cfg.token
+    """The bearer token clients must send: $VISIONTUNE_SERVE_TOKEN, else serve.token, else none; trimmed
+    of the spaces and newlines a copy or a file adds (clients' headers cannot carry them), and at least
+    MIN_TOKEN_CHARS long. Binding to anything but loopback without one is refused: the model would be
+    open to anyone."""
+    token = (os.environ.get(TOKEN_ENV) or cfg.token or "").strip()
     if not token and not _loopback(cfg.host):
         raise VisiontuneError(
             f"serve.host={cfg.host} exposes the server beyond this machine, so it needs a token: set "
-            f"{TOKEN_ENV} (or serve.token) to a long random secret, e.g. `export {TOKEN_ENV}=$(openssl "
-            "rand -hex 32)`; clients then send `Authorization: Bearer <token>`"
+            f"{TOKEN_ENV} (or serve.token) to a long random secret, {_NEW_TOKEN}; clients then send "
+            "`Authorization: Bearer <token>`"
+        )
+    if token and len(token) < MIN_TOKEN_CHARS:
+        source = TOKEN_ENV if os.environ.get(TOKEN_ENV) else "serve.token"
+        raise VisiontuneError(
+            f"{source} is too short ({len(token)} of at least {MIN_TOKEN_CHARS} characters) to resist "
+            f"guessing: generate a token, {_NEW_TOKEN}"
         )
     return token or None
 

@@ -466,8 +466,13 @@ def test_only_a_loopback_address_serves_without_a_token(host, loopback, monkeypa
     else:
         with pytest.raises(VisiontuneError, match="needs a token"):
             serve_token(cfg)
-    exposed = cfg.model_copy(update={"token": "a-long-random-secret"})
-    assert serve_token(exposed) == "a-long-random-secret"
+    exposed = cfg.model_copy(update={"token": " a-long-random-secret\n"})
+    assert serve_token(exposed) == "a-long-random-secret"  # trimmed: a header cannot carry the newline
+    with pytest.raises(VisiontuneError, match=r"serve.token is too short \(5 of at least 16 characters\)"):
+        serve_token(cfg.model_copy(update={"token": "short"}))
+    monkeypatch.setenv("VISIONTUNE_SERVE_TOKEN", "x")
+    with pytest.raises(VisiontuneError, match=r"SERVE_TOKEN is too short \(1 of.*openssl rand"):
+        serve_token(exposed)
 
 
 def test_off_loopback_serve_refuses_to_start_without_a_token(exported, monkeypatch):
