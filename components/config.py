@@ -18,7 +18,7 @@ from .errors import VisiontuneError
 class Section(BaseModel):
     """A params.yaml section: immutable, and an unknown key is an error."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)  # a default is typed too
 
 
 class BaseConfig(Section):

@@ -539,12 +539,29 @@ def _resume_or_start(run: _Run, resume_dir: Path, resume: str) -> _Progress:
     if resume == "never":
         if run.ctx.main:
             shutil.rmtree(resume_dir, ignore_errors=True)
-    elif saved.exists() and json.loads(saved.read_text()).get("fingerprint") == run.fingerprint:
-        progress = _load_resume(run, resume_dir)
+    elif (
+        saved.exists()
+        and _unreadable(saved, lambda: json.loads(saved.read_text())).get("fingerprint") == run.fingerprint
+    ):
+        progress = _unreadable(resume_dir, lambda: _load_resume(run, resume_dir))
         run.say(f"resuming after epoch {progress.resumed_from} from {resume_dir}")
     elif resume == "must":
         raise VisiontuneError(f"{resume_dir}: no saved state of this run to resume; run without --resume")
     return progress
+
+
+def _unreadable(where: Path, read):
+    """read(), or one line naming the torn resume state and the way out (safetensors, JSON, a shape or
+    a key that no longer fits: every failure of reading it back)."""
+    try:
+        return read()
+    except Exception as exc:
+        detail = str(exc).splitlines()[0] if str(exc) else "no detail"
+        folder = where if where.is_dir() else where.parent
+        raise VisiontuneError(
+            f"{where}: the saved state of the interrupted run cannot be read ({type(exc).__name__}: "
+            f"{detail}); start over with `visiontune train --fresh` (or delete {folder})"
+        ) from None
 
 
 def _ready_to_train(run: _Run, progress: _Progress) -> None:

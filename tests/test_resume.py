@@ -110,3 +110,28 @@ def test_linear_probe_resumes_with_its_feature_statistics(tmp_path):
     assert a.keys() == b.keys() and {"mean", "inv_std", "fc.weight"} <= a.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-5, msg=key)
+
+
+def test_a_torn_resume_state_is_one_line_naming_it_and_fresh(project):
+    """A resume state cut short (a full disk, a copy interrupted) ends the rerun with one line that
+    names the file and `--fresh`, not a safetensors or JSON traceback; `--fresh` then starts over."""
+    from visiontune.components.train import train
+
+    tmp_path, params, layout = project
+
+    def crash(epoch, model):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # the same call the stage makes, stopped after epoch 1
+        train(params.train, params.model, params.base, layout.prepare, layout.train, layout.cache,
+              on_epoch_end=crash)  # fmt: skip
+    path = layout.train / "resume" / "state.safetensors"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    broken = _train(tmp_path, layout.root)
+    assert broken.returncode == 1 and "Traceback" not in broken.stderr, broken.stdout[-1500:]
+    line = broken.stderr.strip()
+    assert len(line.splitlines()) == 1 and str(path.parent) in line, line
+    assert "cannot be read" in line and "visiontune train --fresh" in line
+    fresh = _train(tmp_path, layout.root, "--fresh")
+    assert fresh.returncode == 0 and "resuming" not in fresh.stdout
