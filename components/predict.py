@@ -46,18 +46,31 @@ class OnnxClassifier:
         options = ort.SessionOptions()
         if not spinning:  # idle intra-op threads sleep instead of spinning: the cores go to decoding
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(
-            str(path), options, providers=providers or ["CPUExecutionProvider"]
-        )
+        try:
+            self.session = ort.InferenceSession(
+                str(path), options, providers=providers or ["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # onnxruntime's protobuf, graph and load failures, each its own class
+            detail = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            raise VisiontuneError(
+                f"{path}: not a loadable ONNX model ({detail}); the file is truncated, corrupt or not "
+                "ONNX: export it again (`visiontune export`) or pass the right --model"
+            ) from None
         meta = self.session.get_modelmeta().custom_metadata_map
         missing = {"class_names", "mean", "std", "image_size"} - set(meta)
         if missing:
             raise VisiontuneError(f"{path}: ONNX metadata lacks {sorted(missing)}; export it with visiontune")
         self.path = path
         self.metadata: dict[str, str] = dict(meta)
-        self.class_names: list[str] = json.loads(meta["class_names"])
-        self.mean, self.std = json.loads(meta["mean"]), json.loads(meta["std"])
-        self.size = int(meta["image_size"])
+        try:
+            self.class_names: list[str] = json.loads(meta["class_names"])
+            self.mean, self.std = json.loads(meta["mean"]), json.loads(meta["std"])
+            self.size = int(meta["image_size"])
+        except ValueError as exc:
+            raise VisiontuneError(
+                f"{path}: ONNX metadata class_names, mean, std or image_size is not what visiontune "
+                f"writes ({exc}); export it again with visiontune"
+            ) from None
         self.input = self.session.get_inputs()[0].name
         self.outputs = [o.name for o in self.session.get_outputs()]  # logits[, embedding]
 

@@ -56,3 +56,28 @@ def test_cli_predicts_a_folder_and_reports_unreadable_files(trained, tmp_path):
 def test_missing_model_is_a_clear_error(tmp_path):
     result = CliRunner().invoke(app, ["predict", str(tmp_path), "--model", str(tmp_path / "none.onnx")])
     assert result.exit_code == 1 and "visiontune export" in result.output
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "metadata"])
+def test_a_broken_model_file_is_one_line_in_predict_and_serve(trained, tmp_path, damage):
+    """A truncated, garbage or foreign-metadata model.onnx ends predict and serve with one line
+    naming the file and the fix, not onnxruntime's 40-line traceback."""
+    import onnx
+
+    params, layout = trained
+    stages.export(params, layout)
+    good = layout.export / "model.onnx"
+    bad = tmp_path / "model.onnx"
+    if damage == "truncated":
+        bad.write_bytes(good.read_bytes()[: good.stat().st_size // 3])
+    elif damage == "garbage":
+        bad.write_bytes(np.random.default_rng(0).bytes(4096))
+    else:
+        proto = onnx.load(str(good))
+        next(p for p in proto.metadata_props if p.key == "mean").value = "[0.5, oops"
+        onnx.save(proto, str(bad))
+    for command in (["predict", str(tmp_path), "--model", str(bad)], ["serve", "--model", str(bad)]):
+        result = CliRunner().invoke(app, command, catch_exceptions=False)
+        line = result.output.strip()
+        assert result.exit_code == 1 and len(line.splitlines()) == 1, result.output
+        assert str(bad) in line and "export it again" in line
