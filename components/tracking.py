@@ -53,10 +53,19 @@ class RegisterResult:
     hf_sha256: str = ""  # sha256 of the logged hf/model.safetensors: `visiontune push` names this version
 
 
+HTTP_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "4", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+# MLflow's own defaults (7 retries, backoff factor 2) wait 254 s on a server that answers 503 before
+# saying so; these wait 1 + 2 + 4 + 8 = 15 s. Set either variable to choose otherwise.
+
+
 def tracking_uri(project: Path | None = None) -> str:
-    """MLFLOW_TRACKING_URI when set, else the embedded SQLite store in the project folder."""
+    """MLFLOW_TRACKING_URI when set, else the embedded SQLite store in the project folder. A server's
+    HTTP retries are bounded (HTTP_RETRIES) unless the environment sets them."""
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
+        if uri.startswith(("http://", "https://")):
+            for name, value in HTTP_RETRIES.items():
+                os.environ.setdefault(name, value)
         return uri
     return f"sqlite:///{(project or Path.cwd()).absolute() / DEFAULT_DB}"
 
@@ -189,12 +198,26 @@ def _log_input(dataset) -> None:
 def register(cfg: RegisterConfig, candidate: Candidate, out: Path) -> RegisterResult:
     """Log the candidate as one MLflow run and register its ONNX model with alias cfg.alias: the
     run's contents first, then the model, then the version's card, tags and alias (a failure
-    there deletes the version: no half-registered versions)."""
+    there deletes the version: no half-registered versions). A server that fails (after MLflow's
+    bounded retries) is one line naming it, as in promote."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    check_reachable()
+    try:
+        return _register(cfg, candidate, out)
+    except (MlflowException, requests.RequestException) as exc:
+        raise VisiontuneError(
+            f"{RegistryError('register', tracking_uri(), exc)}; nothing was registered (a run logged "
+            "halfway is marked FAILED): retry `visiontune register` when the server answers"
+        ) from None
+
+
+def _register(cfg: RegisterConfig, candidate: Candidate, out: Path) -> RegisterResult:
     import mlflow
     from mlflow.tracking import MlflowClient
 
     out.mkdir(parents=True, exist_ok=True)
-    check_reachable()
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
@@ -225,8 +248,15 @@ def register(cfg: RegisterConfig, candidate: Candidate, out: Path) -> RegisterRe
         for key, value in {**tags, **{k: f"{v:.6g}" for k, v in metrics.items()}}.items():
             client.set_model_version_tag(cfg.model_name, version, key, value)
         _set_alias(client, cfg.model_name, cfg.alias, version, newest_wins=True)  # last: the version is whole
-    except Exception:
-        client.delete_model_version(cfg.model_name, version)  # no half-registered versions
+    except Exception as exc:
+        try:
+            client.delete_model_version(cfg.model_name, version)  # no half-registered versions
+        except Exception:
+            raise VisiontuneError(
+                f"{RegistryError('register', uri, exc)}; v{version} of {cfg.model_name} is registered "
+                "without its card, tags or alias and could not be deleted: delete it (MLflow UI or "
+                "`MlflowClient().delete_model_version`) and retry `visiontune register`"
+            ) from None
         raise
     hf_weights = candidate.hf / "model.safetensors" if candidate.hf else None
     result = RegisterResult(

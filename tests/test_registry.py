@@ -210,8 +210,9 @@ class _FailingProxy(ThreadingHTTPServer):
     """An HTTP proxy on 127.0.0.1 in front of a real tracking server that answers 503 to the lookup of
     one alias, as a registry whose database is briefly locked would."""
 
-    def __init__(self, upstream: str, failing_alias: str):
+    def __init__(self, upstream: str, failing_alias: str | None = None, failing_post: str | None = None):
         self.upstream, self.failing_alias, self.failed = urlsplit(upstream), failing_alias, 0
+        self.failing_post = failing_post  # a path whose POSTs all get 503
         super().__init__(("127.0.0.1", 0), _Forward)
 
 
@@ -220,7 +221,10 @@ class _Forward(BaseHTTPRequestHandler):
         proxy: _FailingProxy = self.server
         url = urlsplit(self.path)
         query = dict(parse_qsl(url.query))
-        if url.path.endswith("/registered-models/alias") and query.get("alias") == proxy.failing_alias:
+        fail_post = proxy.failing_post and self.command == "POST" and url.path.endswith(proxy.failing_post)
+        if fail_post or (
+            url.path.endswith("/registered-models/alias") and query.get("alias") == proxy.failing_alias
+        ):
             proxy.failed += 1
             body = json.dumps({"error_code": "TEMPORARILY_UNAVAILABLE", "message": "database is locked"})
             return self._reply(503, {"Content-Type": "application/json"}, body.encode())
@@ -243,7 +247,7 @@ class _Forward(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    do_GET = do_POST = do_PATCH = do_DELETE = _forward
+    do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = _forward
 
     def log_message(self, *args):  # quiet
         pass
@@ -288,6 +292,38 @@ def test_a_registry_error_during_promotion_is_an_error_and_moves_nothing(
     assert "promotion.decision" not in client.get_model_version("guarded", v2).tags
     with pytest.raises(MlflowException):
         client.get_model_version_by_alias("guarded", "previous")
+
+
+def test_a_registry_error_during_register_is_one_line_and_leaves_no_version(
+    exported, mlflow_server, monkeypatch, tmp_path
+):
+    """A server answering 503 to the alias call: MLflow retries 4 times (not its default 7, 254 s),
+    the half-registered version is deleted, and the command says so in one line naming the server."""
+    from typer.testing import CliRunner
+
+    from visiontune.pipelines.cli import app
+
+    params, layout = exported
+    p = _named(params, "flaky")
+    proxy = _FailingProxy(mlflow_server, failing_post="/registered-models/alias")
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{proxy.server_address[1]}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)  # visiontune's bound applies
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")  # no waiting in the test
+    (tmp_path / "params.yaml").write_text(json.dumps(p.model_dump(by_alias=True)))
+    try:
+        out = CliRunner().invoke(
+            app, ["register", "--params", str(tmp_path / "params.yaml"), "--root", str(layout.root)]
+        )
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+    assert out.exit_code == 1 and "Traceback" not in out.output, out.output
+    (line,) = [ln for ln in out.output.splitlines() if ln.startswith("visiontune register:")]
+    assert url in line and "nothing was registered" in line and "retry `visiontune register`" in line
+    assert proxy.failed == 1 + 4  # the first try and visiontune's 4 retries
+    assert MlflowClient(mlflow_server).search_model_versions("name = 'flaky'") == []
 
 
 def test_auto_promote_in_the_register_stage(exported, mlflow_server, monkeypatch):
