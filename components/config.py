@@ -35,6 +35,12 @@ class DataConfig(Section):
     label_column: str = Field(
         "label", description="a Hugging Face dataset source's label column (ClassLabel names are used)"
     )
+    allow_paths_under: str | None = Field(
+        None,
+        description="A folder that a CSV's or a Hugging Face dataset's image paths may also point into; by "
+        "default a path that resolves (symlinks followed) outside the dataset's own folder is refused and "
+        "its row listed as skipped.",
+    )
     val_fraction: float = Field(
         0.15,
         ge=0.0,
@@ -413,6 +419,13 @@ class ServeConfig(Section):
         1, ge=1, description="Concurrent onnxruntime calls (each already uses every core)."
     )
     decode_threads: int = Field(4, ge=1, description="Concurrent image decodes (Pillow releases the GIL).")
+    max_decode_mb: float = Field(
+        512.0,
+        gt=0,
+        description="Memory the image decodes in flight may hold together, MiB, computed from each image's "
+        "header before any pixel is decoded; a decode waits for its share, and an image that alone needs "
+        "more gets 413.",
+    )
     access_log: bool = Field(
         False, description="One log line per request (the /metrics counters always count)."
     )

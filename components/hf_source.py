@@ -17,8 +17,9 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
+from . import manifest
 from .errors import VisiontuneError
-from .images import IMAGE_EXTENSIONS
+from .images import FORMATS, IMAGE_EXTENSIONS
 
 _EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "BMP": ".bmp", "GIF": ".gif", "TIFF": ".tif", "WEBP": ".webp"}
 
@@ -52,14 +53,20 @@ SPLIT_NAMES = {
 }
 
 
-def read(path: Path, image_column: str, label_column: str, dest: Path) -> tuple[pd.DataFrame, list[str]]:
+def read(
+    path: Path, image_column: str, label_column: str, dest: Path, roots: list[Path] | None = None
+) -> tuple[pd.DataFrame, list[str]]:
     """Rows (path, label, split) for every image of the dataset at path, written under
     dest/<label>/; also the rows that were skipped (no label). Files under dest from an earlier
     read that this dataset no longer holds are removed, so dest always mirrors the dataset.
 
     The dataset's own splits are kept as given splits (see `given_splits`); rows of any other
     split, or of a dataset without splits, get "" and are split as a folder's images are.
+
+    An image given as a path must resolve inside `roots` (default: the dataset's folder); other
+    rows are skipped with the reason, so no file elsewhere on the machine is copied in.
     """
+    roots = roots or [path if path.is_dir() else path.parent]
     tables = _tables(path)
     given = given_splits([split for _, _, _, split in tables])
     rows, skipped, written = [], [], set()
@@ -72,8 +79,11 @@ def read(path: Path, image_column: str, label_column: str, dest: Path) -> tuple[
             for image, label in zip(*(column.to_pylist() for column in batch.columns), strict=True):
                 where = f"{source}: row {row}"
                 label = _label_name(label, names, where, label_column)
+                outside = _outside(image, source, roots)
                 if label is None:
                     skipped.append(f"{where}: no label ({label_column} is empty or -1)")
+                elif outside:
+                    skipped.append(f"{where}: {image_column} {outside}")
                 else:
                     target = _write_image(image, dest / _safe(label), index, source, where, image_column)
                     written.add(target)
@@ -81,8 +91,10 @@ def read(path: Path, image_column: str, label_column: str, dest: Path) -> tuple[
                 row, index = row + 1, index + 1
     _remove_stale(dest, written)
     if not rows:
+        outside = sum("resolves outside the dataset's folder" in reason for reason in skipped)
         raise HfSourceError(
-            f"{path}: the dataset holds no labelled images ({len(skipped)} rows without a label)"
+            f"{path}: the dataset holds no usable images ({len(skipped) - outside} rows without a label, "
+            f"{outside} naming a file outside the dataset's folder{'' if not outside else ': ' + skipped[0]})"
         )
     return pd.DataFrame(rows, columns=["path", "label", "split"]), skipped
 
@@ -227,8 +239,23 @@ def _image_bytes(image, source: Path, where: str, column: str) -> tuple[bytes, s
     return data, Path(name).name
 
 
+def _file(name: str, source: Path) -> Path:
+    return Path(name) if Path(name).is_absolute() else source.parent / name
+
+
+def _outside(image, source: Path, roots: list[Path]) -> str | None:
+    """Why an image cell's path may not be read (it resolves outside roots), or None."""
+    if isinstance(image, dict) and image.get("bytes") is None and image.get("path"):
+        name = image["path"]
+    elif isinstance(image, str):
+        name = image
+    else:
+        return None
+    return None if manifest.inside(_file(name, source), roots) else manifest.outside_reason(name, roots)
+
+
 def _read_path(name: str, source: Path, where: str, column: str) -> bytes:
-    file = Path(name) if Path(name).is_absolute() else source.parent / name
+    file = _file(name, source)
     try:
         return file.read_bytes()
     except OSError as exc:
@@ -243,7 +270,7 @@ def _write_image(image, folder: Path, index: int, source: Path, where: str, colu
     data, name = _image_bytes(image, source, where, column)
     if Path(name).suffix.lower() not in {*_EXTENSIONS.values(), ".jpeg", ".tiff"}:
         try:
-            with Image.open(io.BytesIO(data)) as img:
+            with Image.open(io.BytesIO(data), formats=FORMATS) as img:
                 kind = img.format or ""
         except (UnidentifiedImageError, OSError):
             kind = ""  # written as it is; the decode check quarantines it with the reason

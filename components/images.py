@@ -21,6 +21,8 @@ from PIL import Image, ImageOps
 from .errors import VisiontuneError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
+FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF")  # the decoders Pillow may use, here and everywhere:
+# others (EPS hands the file to Ghostscript; dozens of rarely used parsers) never see the bytes
 
 
 class ImageDecodeError(VisiontuneError, ValueError):
@@ -28,7 +30,16 @@ class ImageDecodeError(VisiontuneError, ValueError):
 
 
 class ImageTooLargeError(ImageDecodeError):
-    """An image with more pixels than the limit (a decompression bomb, or a limit set too low)."""
+    """An image with more pixels than the limit, or whose decode needs more memory than the decode
+    budget (a decompression bomb, or a limit set too low)."""
+
+
+class DecodeBudgetError(ImageTooLargeError):
+    """An image whose decode alone needs more memory than the whole decode budget."""
+
+
+class ImageFormatError(ImageDecodeError):
+    """A file in a format outside FORMATS (named when Pillow knows it)."""
 
 
 def decode_threads() -> int:
@@ -46,15 +57,29 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grayscale: full range → 8 bits
-        arr = np.asarray(img, dtype=np.float64) / 257.0
-        img = Image.fromarray(arr.round().clip(0, 255).astype(np.uint8), mode="L")
-    elif img.mode == "F":
-        arr = np.asarray(img, dtype=np.float64)
+_ROWS = 512  # rows converted at a time: a wide image's temporaries stay a few MB
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit and 32-bit integer grayscale (full range → 8 bits, as x / 257 rounded) and float
+    (its min..max → 0..255), converted a band of rows at a time: no whole-image float64 copies."""
+    arr = np.asarray(img)  # the decoded samples, once
+    out = np.empty(arr.shape, dtype=np.uint8)
+    if img.mode == "F":
         lo, hi = float(arr.min()), float(arr.max())
         scale = 255.0 / (hi - lo) if hi > lo else 0.0
-        img = Image.fromarray(((arr - lo) * scale).astype(np.uint8), mode="L")
+    for top in range(0, arr.shape[0], _ROWS):
+        band = arr[top : top + _ROWS].astype(np.float64)
+        if img.mode == "F":
+            out[top : top + _ROWS] = (band - lo) * scale
+        else:
+            out[top : top + _ROWS] = np.clip(np.round(band / 257.0), 0, 255)
+    return Image.fromarray(out, mode="L")
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        img = _to_8bit(img)
     if img.mode == "P":  # palette: expand, keeping transparency so it is composited below
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
     if img.mode in ("RGBA", "LA", "PA"):  # transparent pixels over white, as viewers show them
@@ -64,6 +89,58 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def decode_bytes(mode: str, width: int, height: int) -> int:
+    """Peak bytes of decoding an image of this header to RGB, read before any pixel is decoded:
+    Pillow keeps 1 (L, P, 1), 2 (16-bit) or 4 bytes per pixel (everything else); the decoded image
+    and its EXIF-rotated copy, then at most two 4-byte RGB(A) images while converting."""
+    per_pixel = 1 if mode in ("1", "L", "P") else 2 if mode.startswith("I;16") else 4
+    return width * height * (2 * per_pixel + 8)
+
+
+class DecodeBudget:
+    """The bytes this process's decodes may hold at once (decode_bytes of each image in flight).
+    A decode waits for its share; one that needs more than the whole budget is refused. Like
+    Pillow's pixel limit, it is one per process: the server sets it from serve.max_decode_mb."""
+
+    def __init__(self, total: int, key: str):
+        self.total, self.key, self.held = total, key, 0
+        self._cond = threading.Condition()
+
+    def hold(self, need: int, label: str, header: str):
+        if need > self.total:
+            raise DecodeBudgetError(
+                f"{label}: decoding it needs {need / 2**20:.0f} MB ({header}), more than the decode budget "
+                f"of {self.total / 2**20:.0f} MB; send a smaller image or raise {self.key}"
+            )
+        return _Held(self, need)
+
+
+class _Held:
+    def __init__(self, budget: DecodeBudget, need: int):
+        self.budget, self.need = budget, need
+
+    def __enter__(self):
+        with self.budget._cond:
+            self.budget._cond.wait_for(lambda: self.budget.held + self.need <= self.budget.total)
+            self.budget.held += self.need
+
+    def __exit__(self, *exc):
+        with self.budget._cond:
+            self.budget.held -= self.need
+            self.budget._cond.notify_all()
+
+
+DEFAULT_DECODE_MB = 2048  # above what any image within validate.max_pixels needs: in the pipeline the
+# budget bounds how much the decode threads hold together, and refuses only exotic giants
+_budget = DecodeBudget(DEFAULT_DECODE_MB << 20, "validate.max_pixels")
+
+
+def set_decode_budget(megabytes: float, key: str) -> None:
+    """This process's decode budget (the server: serve.max_decode_mb); `key` is named on refusals."""
+    global _budget
+    _budget = DecodeBudget(int(megabytes * 2**20), key)
+
+
 _PIL_LIMIT_LOCK = threading.Lock()  # Pillow's pixel limit is a process-wide global
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own default
 
@@ -71,12 +148,20 @@ DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own default
 ImageSource = str | Path | bytes | bytearray | memoryview | BinaryIO
 
 
-def _open(source: Path | BinaryIO, max_pixels: int) -> Image.Image:
-    """Open (header only) with our pixel limit in place of Pillow's global one."""
+def _open(source: Path | BinaryIO, max_pixels: int, label: str) -> Image.Image:
+    """Open (header only) with our pixel limit in place of Pillow's global one, and only FORMATS."""
     with _PIL_LIMIT_LOCK:
         previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
         try:
-            img = Image.open(source)
+            img = Image.open(source, formats=FORMATS)
+        except Image.UnidentifiedImageError:
+            known = _sniff(source)
+            if known:
+                raise ImageFormatError(
+                    f"{label}: {known} is not an accepted image format ({', '.join(FORMATS)}); convert it "
+                    "to PNG or JPEG"
+                ) from None
+            raise
         finally:
             Image.MAX_IMAGE_PIXELS = previous
     if img.width * img.height > max_pixels:
@@ -85,6 +170,24 @@ def _open(source: Path | BinaryIO, max_pixels: int) -> Image.Image:
             f"{img.width}×{img.height} = {img.width * img.height} pixels > {max_pixels}"
         )
     return img
+
+
+def _sniff(source: Path | BinaryIO) -> str | None:
+    """The format Pillow would call a file outside FORMATS, from its first bytes (each plugin's own
+    signature test; no parser runs), or None."""
+    if hasattr(source, "read"):
+        source.seek(0)
+        prefix = source.read(16)
+    else:
+        with open(source, "rb") as fh:
+            prefix = fh.read(16)
+    for name, (_, accept) in Image.OPEN.items():
+        try:
+            if accept is not None and accept(prefix):
+                return name
+        except Exception:  # a signature test that trips on short input: not this format
+            continue
+    return None
 
 
 def _stream_size(stream: BinaryIO) -> int:
@@ -100,28 +203,44 @@ def load_image(source: ImageSource, max_pixels: int | None = None, name: str | N
     `source` is a file path, the encoded bytes, or a binary stream (an upload); `name` is what
     error messages call it (default: the path, or "image").
     """
+    return _decode(source, max_pixels, name, None)
+
+
+def _decode(source: ImageSource, max_pixels: int | None, name: str | None, size: int | None):
+    """The header read and checked (format, pixels, the bytes its decode needs against the decode
+    budget), then the decode to RGB and, with `size`, the resize, while its bytes are held."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         source = io.BytesIO(source)
     path = None if hasattr(source, "read") else Path(source)
     label = name or (str(path) if path is not None else "image")
     try:
-        with _open(path or source, max_pixels or DEFAULT_MAX_PIXELS) as img:
-            img.load()  # forces a full decode: truncated files fail here, not later
-            rgb = _to_rgb(ImageOps.exif_transpose(img))
+        with _open(path or source, max_pixels or DEFAULT_MAX_PIXELS, label) as img:
+            header = f"{img.width}×{img.height} {img.format} {img.mode}"
+            with _budget.hold(decode_bytes(img.mode, img.width, img.height), label, header):
+                img.load()  # forces a full decode: truncated files fail here, not later
+                rgb = _to_rgb(ImageOps.exif_transpose(img))
+                return rgb if size is None else resize(rgb, size)
+    except ImageDecodeError:
+        raise
     except FileNotFoundError:
         raise ImageDecodeError(f"{label}: file not found") from None
     except Image.DecompressionBombError as exc:
         raise ImageTooLargeError(f"{label}: too many pixels ({exc}); raise validate.max_pixels") from None
     except (OSError, ValueError, SyntaxError) as exc:
         if path is not None:
-            size = path.stat().st_size if path.exists() else 0
+            size_ = path.stat().st_size if path.exists() else 0
         else:
-            size = _stream_size(source)
+            size_ = _stream_size(source)
         if isinstance(exc, Image.UnidentifiedImageError):  # its message holds a repr, not the name
-            exc = "not an image format Pillow can read"
-        reason = "empty file" if size == 0 else f"cannot decode: {exc}"
+            exc = f"not an image in an accepted format ({', '.join(FORMATS)})"
+        reason = "empty file" if size_ == 0 else f"cannot decode: {exc}"
         raise ImageDecodeError(f"{label}: {reason}") from None
-    return rgb
+
+
+def source_mode(path: str | Path) -> str:
+    """The mode the file stores its pixels in (L, RGB, I;16, ...), from the header alone."""
+    with _open(Path(path), DEFAULT_MAX_PIXELS, str(path)) as img:
+        return img.mode
 
 
 RESIZE_ROUNDING = "tv"  # resize's rounding (torchvision's); stores of decoded pixels are kept per value
@@ -147,7 +266,7 @@ def load_resized(
     source: ImageSource, size: int, max_pixels: int | None = None, name: str | None = None
 ) -> np.ndarray:
     """Decode and resize one image (a file, bytes or a stream): uint8 HWC, size×size×3."""
-    return resize(load_image(source, max_pixels, name), size)
+    return _decode(source, max_pixels, name, size)
 
 
 def load_batch(paths: Sequence[str | Path], size: int) -> np.ndarray:

@@ -14,6 +14,19 @@ SPLITS = ("train", "val", "test")
 COLUMNS = ["path", "label", "split", "sha256", "phash", "width", "height", "mode"]
 
 
+def inside(path: Path, roots: list[Path]) -> bool:
+    """Whether path, symlinks resolved, lies in one of roots (themselves resolved)."""
+    real = path.resolve()
+    return any(real.is_relative_to(root.resolve()) for root in roots)
+
+
+def outside_reason(name: str, roots: list[Path]) -> str:
+    return (
+        f"{name!r} resolves outside the dataset's folder ({roots[0]}); move the image into it, or set "
+        "data.allow_paths_under to the folder it lives in"
+    )
+
+
 def schema(labels: list[str] | None = None) -> pa.DataFrameSchema:
     """The manifest schema; with `labels`, every label must be one of them."""
     label_checks = [pa.Check.str_length(min_value=1)]

@@ -19,7 +19,15 @@ from . import hf_source, images, manifest
 from .config import BaseConfig, DataConfig, ValidateConfig
 from .duplicates import find_duplicates, near_contents, perceptual_hash, place, write_record
 from .errors import VisiontuneError
-from .images import IMAGE_EXTENSIONS, ImageDecodeError, ImageTooLargeError, load_image, sha256_file
+from .images import (
+    IMAGE_EXTENSIONS,
+    ImageDecodeError,
+    ImageFormatError,
+    ImageTooLargeError,
+    load_image,
+    sha256_file,
+    source_mode,
+)
 from .splits import SplitRule, assign_splits, read_split_record, write_split_record
 
 BUILTIN_DIGITS = "builtin:digits"
@@ -64,10 +72,18 @@ def _display_path(path: Path) -> str:
 
 
 def scan_folder(root: Path) -> tuple[pd.DataFrame, list[str]]:
-    """Rows (path, label) for <root>/<class>/**/<image>; also the files that were skipped."""
+    """Rows (path, label) for <root>/<class>/**/<image>; also the files that were skipped, and the
+    symlinked folders, which are not followed (a link may point anywhere on the machine)."""
     rows, skipped = [], []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        links = [d for d in dirnames if (Path(dirpath) / d).is_symlink()]
+        skipped += [
+            f"{_display_path(Path(dirpath) / d)}: a symlinked folder, not followed; copy its images in, "
+            "or list them in a CSV source"
+            for d in sorted(links)
+            if not d.startswith(".")
+        ]
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in links)
         rel = Path(dirpath).relative_to(root)
         for name in sorted(filenames):
             if name.startswith("."):
@@ -87,8 +103,9 @@ def scan_folder(root: Path) -> tuple[pd.DataFrame, list[str]]:
     return pd.DataFrame(rows, columns=["path", "label"]), skipped
 
 
-def read_csv_source(csv_path: Path) -> pd.DataFrame:
-    """Rows (path, label[, split]) from a CSV manifest; relative paths are from the CSV's folder."""
+def read_csv_source(csv_path: Path, roots: list[Path] | None = None) -> tuple[pd.DataFrame, list[str]]:
+    """Rows (path, label[, split]) from a CSV manifest, relative paths from the CSV's folder; rows
+    whose path resolves outside `roots` (default: the CSV's folder) are left out and listed."""
     frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
     missing = {"path", "label"} - set(frame.columns)
     if missing:
@@ -112,15 +129,22 @@ def read_csv_source(csv_path: Path) -> pd.DataFrame:
                 f"use one of {', '.join(manifest.SPLITS)} or leave it empty"
             )
     base = csv_path.parent
-    frame["path"] = [_display_path(p if p.is_absolute() else base / p) for p in map(Path, frame["path"])]
-    return frame
+    roots = roots or [base]
+    files = [p if p.is_absolute() else base / p for p in map(Path, frame["path"])]
+    keep = [manifest.inside(file, roots) for file in files]
+    skipped = [
+        f"{csv_path}: line {i + 2}: {manifest.outside_reason(name, roots)}"
+        for i, (name, ok) in enumerate(zip(frame["path"], keep, strict=True))
+        if not ok
+    ]
+    frame["path"] = [_display_path(file) for file in files]
+    return frame[keep].reset_index(drop=True), skipped
 
 
 def _inspect(path: str, max_pixels: int) -> dict:
     try:
         rgb = load_image(path, max_pixels)  # full decode, readable reasons
-        with Image.open(path) as img:
-            mode = img.mode
+        mode = source_mode(path)
         return {
             "sha256": sha256_file(Path(path)),
             "phash": perceptual_hash(rgb),
@@ -130,7 +154,13 @@ def _inspect(path: str, max_pixels: int) -> dict:
         }
     except (ImageDecodeError, OSError) as exc:
         reason = str(exc).removeprefix(f"{path}: ")
-        return {"error": reason, "kind": "too large" if isinstance(exc, ImageTooLargeError) else "unreadable"}
+        return {"error": reason, "kind": _quarantine_kind(exc)}
+
+
+def _quarantine_kind(exc: Exception) -> str:
+    if isinstance(exc, ImageTooLargeError):
+        return "too large"
+    return "format not accepted" if isinstance(exc, ImageFormatError) else "unreadable"
 
 
 def _dvc_outs(root: Path) -> list[Path]:
@@ -212,8 +242,11 @@ def resolve_source(data: DataConfig, out: Path) -> tuple[pd.DataFrame, list[str]
     if source.startswith("builtin:"):
         raise SourceError(f"data.source: unknown {source!r}; the built-in dataset is {BUILTIN_DIGITS}")
     path = Path(source)
+    roots = [path if path.is_dir() else path.parent]  # where the dataset's image paths may point
+    if data.allow_paths_under:
+        roots.append(Path(data.allow_paths_under))
     if hf_source.is_hf_source(path):  # images written once under out/hf/, then read as a folder's
-        rows, skipped = hf_source.read(path, data.image_column, data.label_column, out / "hf")
+        rows, skipped = hf_source.read(path, data.image_column, data.label_column, out / "hf", roots)
         rows["path"] = [_display_path(Path(p)) for p in rows["path"]]
         return rows, skipped
     if path.is_dir():
@@ -223,7 +256,7 @@ def resolve_source(data: DataConfig, out: Path) -> tuple[pd.DataFrame, list[str]
             missing_tracked_data(path)  # an empty folder that `dvc pull` would fill
             raise
     if path.is_file() and path.suffix.lower() == ".csv":
-        return read_csv_source(path), []
+        return read_csv_source(path, roots)
     if not path.exists():
         missing_tracked_data(path)
     raise SourceError(

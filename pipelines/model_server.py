@@ -299,6 +299,7 @@ class Server:
 
     def __init__(self, cfg: ServeConfig, max_pixels: int, drift_cfg: DriftConfig | None = None):
         self.cfg, self.max_pixels = cfg, max_pixels
+        images.set_decode_budget(cfg.max_decode_mb, "serve.max_decode_mb")
         self.ref = ModelRef.parse(cfg.model)
         self.providers = execution_providers(cfg.device)
         self.metrics = Metrics()
@@ -435,10 +436,14 @@ class Server:
             raise ServeError(422, "empty_image", f"{name}: empty file (0 bytes); send the image's bytes")
         try:
             return images.load_resized(data, size, self.max_pixels, name=name)
+        except images.DecodeBudgetError as exc:
+            raise ServeError(413, "too_large_to_decode", str(exc)) from None
         except images.ImageTooLargeError as exc:
             raise ServeError(
                 413, "too_many_pixels", f"{exc} (the server's limit is validate.max_pixels)"
             ) from None
+        except images.ImageFormatError as exc:
+            raise ServeError(415, "unsupported_image_format", str(exc)) from None
         except images.ImageDecodeError as exc:
             raise ServeError(
                 422, "undecodable_image", f"{exc}; send a JPEG, PNG, WebP, BMP or TIFF"

@@ -138,8 +138,10 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody, "description": text}
     for code, text in {
         400: "Empty body, malformed multipart, no image, or more than serve.max_images images",
-        413: "Body over serve.max_upload_mb, or an image over validate.max_pixels",
-        415: "Content-Type is neither multipart/form-data nor image/*",
+        413: "Body over serve.max_upload_mb, an image over validate.max_pixels, or one whose decode alone "
+        "needs more than serve.max_decode_mb",
+        415: "Content-Type is neither multipart/form-data nor image/*, or an image format other than JPEG, "
+        "PNG, WebP, BMP or TIFF",
         422: "An image that cannot be decoded (not an image, truncated, empty), or a bad parameter",
         503: "No model is loaded yet",
     }.items()

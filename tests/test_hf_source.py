@@ -84,7 +84,9 @@ def test_a_dataset_dicts_splits_are_kept_and_its_parquet_files_read_the_same(fol
         }
 
     for source in ("thirds", "thirds-parquet", "halves", "halves-parquet"):
-        _run(tiny_params(tmp_path / source), tmp_path / f"out-{source}")
+        # to_parquet keeps the images' own paths (in the folder's tree): allowed by data.allow_paths_under
+        params = tiny_params(tmp_path / source, data={"allow_paths_under": str(data)})
+        _run(params, tmp_path / f"out-{source}")
         rows = _rows(tmp_path / f"out-{source}")
         assert {(sha, label) for sha, label, _ in rows} == {(sha, label) for sha, label, _ in expected}
         by_split = {s: {sha for sha, _, split in rows if split == s} for s in ("train", "val", "test")}
@@ -164,3 +166,31 @@ def test_audit_reads_a_saved_dataset_like_a_folder(folder, tmp_path):
     result = CliRunner().invoke(app, [*args, "--set", "model.image_size=32"])
     assert result.output.startswith("30 images, 3 classes: 0 quarantined"), result.output
     assert (tmp_path / "audit" / "report.md").is_file()
+
+
+def test_image_paths_outside_the_dataset_are_refused_listed_and_never_copied(folder, tmp_path):
+    """A row naming `../../x` or an absolute path elsewhere on the machine is skipped with the reason;
+    nothing of it lands in the prepared data (which `dvc push` would send to the team's remote) unless
+    data.allow_paths_under names its folder."""
+    data, _ = folder
+    secret = tmp_path / "elsewhere" / "secret.png"
+    secret.parent.mkdir()
+    Image.new("L", (8, 8), 123).save(secret)  # content found nowhere in the dataset
+    files = sorted(data.rglob("*.png"))[:12]
+    dataset = tmp_path / "dataset"
+    dataset.mkdir()
+    cells = [{"bytes": f.read_bytes(), "path": f.name} for f in files]
+    cells += [{"bytes": None, "path": "../elsewhere/secret.png"}, {"bytes": None, "path": str(secret)}]
+    labels = [f.parent.name for f in files] + [files[0].parent.name] * 2
+    pd.DataFrame({"image": cells, "label": labels}).to_parquet(dataset / "train.parquet")
+
+    result = _run(tiny_params(dataset / "train.parquet"), tmp_path / "out")
+    assert result.n_images == 12
+    outside = [s for s in result.skipped if "resolves outside the dataset's folder" in s]
+    assert [s.split(": ", 1)[1].split(" image ")[0] for s in outside] == ["row 12:", "row 13:"]
+    assert "data.allow_paths_under" in outside[0]
+    copied = {sha256_file(p) for p in (tmp_path / "out").rglob("*") if p.is_file() and p.suffix == ".png"}
+    assert len(copied) == 12 and sha256_file(secret) not in copied
+
+    allowed = tiny_params(dataset / "train.parquet", data={"allow_paths_under": str(secret.parent)})
+    assert _run(allowed, tmp_path / "out-allowed").n_images == 14

@@ -74,3 +74,76 @@ def test_resize_center_crops_to_square_and_normalize():
     x = images.normalize(arr[None], mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
     assert x.shape == (1, 3, 16, 16) and x.dtype == np.float32
     assert np.allclose(x[0, 0], 1.0) and np.allclose(x[0, 1], -1.0)
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I", "F"])
+def test_deep_images_convert_as_the_float64_formula_did(mode):
+    """16-bit, 32-bit and float images become 8 bits a band of rows at a time, with the very values
+    the whole-image float64 conversion gave (x / 257 rounded; float min..max → 0..255)."""
+    rng = np.random.default_rng(0)
+    shape = (images._ROWS * 2 + 37, 61)  # more than one band, and a short last one
+    if mode == "I;16":
+        arr = rng.integers(0, 65536, shape, dtype=np.uint16)
+        expected = (arr.astype(np.float64) / 257.0).round().clip(0, 255).astype(np.uint8)
+    elif mode == "I":
+        arr = rng.integers(-5000, 70000, shape, dtype=np.int32)
+        expected = (arr.astype(np.float64) / 257.0).round().clip(0, 255).astype(np.uint8)
+    else:
+        arr = rng.normal(3.0, 7.0, shape).astype(np.float32)
+        wide = arr.astype(np.float64)
+        expected = ((wide - wide.min()) * (255.0 / (wide.max() - wide.min()))).astype(np.uint8)
+    img = Image.fromarray(arr, mode=mode) if mode != "I;16" else Image.fromarray(arr)
+    assert img.mode == mode
+    assert np.array_equal(np.asarray(images._to_rgb(img))[..., 0], expected)
+
+
+@pytest.mark.parametrize("fmt, suffix", [("EPS", ".eps"), ("GIF", ".gif"), ("PPM", ".ppm"), ("ICO", ".ico")])
+def test_formats_outside_the_allowlist_are_refused_naming_the_format(tmp_path, fmt, suffix):
+    """Only JPEG, PNG, WebP, BMP and TIFF reach a decoder: an EPS file never reaches Ghostscript."""
+    img = Image.new("RGB", (16, 16), (10, 20, 30))
+    path = tmp_path / f"picture{suffix}"
+    if fmt == "EPS":  # written by hand: Pillow's EPS writer is fine, but keep the test free of it
+        path.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\nshowpage\n%%EOF\n")
+    else:
+        img.save(path, format=fmt)
+    for source in (path, path.read_bytes()):
+        with pytest.raises(images.ImageFormatError) as err:
+            images.load_image(source, name=path.name)
+        assert str(err.value) == (
+            f"{path.name}: {fmt} is not an accepted image format (JPEG, PNG, WEBP, BMP, TIFF); "
+            "convert it to PNG or JPEG"
+        )
+
+
+def test_the_decode_budget_refuses_what_can_never_fit_and_queues_what_can(tmp_path):
+    big = Image.fromarray(np.zeros((1500, 2000), dtype=np.uint16))  # 3 Mpx, 16-bit: 36 MB to decode
+    path = _save(big, tmp_path / "deep.png")
+    assert images.decode_bytes("I;16", 2000, 1500) == 3_000_000 * 12
+    previous = images._budget
+    try:
+        images.set_decode_budget(32, "serve.max_decode_mb")
+        with pytest.raises(images.ImageTooLargeError) as err:
+            images.load_resized(path.read_bytes(), 32, name="deep.png")
+        assert str(err.value) == (
+            "deep.png: decoding it needs 34 MB (2000×1500 PNG I;16), more than the decode budget of 32 MB; "
+            "send a smaller image or raise serve.max_decode_mb"
+        )
+        images.set_decode_budget(40, "serve.max_decode_mb")
+        assert images.load_resized(path, 32).shape == (32, 32, 3)
+        budget, order = images._budget, []
+        with budget.hold(30 << 20, "a", ""):  # 30 of 40 MB held: a 20 MB decode waits for it
+            waiter = __import__("threading").Thread(
+                target=lambda: [
+                    order.append("wait"),
+                    budget.hold(20 << 20, "b", "").__enter__(),
+                    order.append("b"),
+                ]
+            )
+            waiter.start()
+            waiter.join(0.3)
+            assert order == ["wait"] and budget.held == 30 << 20
+            order.append("released")
+        waiter.join(5)
+        assert order == ["wait", "released", "b"] and budget.held == 20 << 20
+    finally:
+        images._budget = previous

@@ -103,3 +103,47 @@ def test_builtin_digits_materialize_all_1797(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = _run(tiny_params("builtin:digits"), tmp_path / "out")
     assert result.n_images == 1797 and len(result.classes) == 10 and result.n_quarantined == 0
+
+
+def test_csv_rows_outside_the_csvs_folder_are_skipped_with_the_reason(tmp_path):
+    """`../` or an absolute path elsewhere is refused (symlinks resolved) unless data.allow_paths_under
+    names its folder."""
+    data = write_digits(tmp_path / "project" / "raw", per_class=6)
+    elsewhere = write_digits(tmp_path / "elsewhere", classes=(0,), per_class=2)
+    (data / "link.png").symlink_to(next(elsewhere.rglob("*.png")))
+    rows = [
+        {"path": p.relative_to(data.parent).as_posix(), "label": p.parent.name}
+        for p in sorted(data.rglob("*/*.png"))
+    ]
+    rows += [{"path": "../elsewhere/0/" + p.name, "label": "0"} for p in sorted(elsewhere.rglob("*.png"))[:1]]
+    rows += [{"path": str(p), "label": "0"} for p in sorted(elsewhere.rglob("*.png"))[1:]]
+    rows += [{"path": "raw/link.png", "label": "0"}]
+    csv_path = data.parent / "labels.csv"
+    pd.DataFrame(rows).to_csv(csv_path, index=False)
+    result = _run(tiny_params(csv_path), tmp_path / "out")
+    assert result.n_images == 18
+    assert [s.split(": ")[1] for s in result.skipped] == ["line 20", "line 21", "line 22"]
+    assert all(
+        "resolves outside the dataset's folder" in s and "data.allow_paths_under" in s for s in result.skipped
+    )
+    allowed = tiny_params(csv_path, data={"allow_paths_under": str(elsewhere)})
+    assert _run(allowed, tmp_path / "out-allowed").n_images == 21
+
+
+def test_a_symlinked_class_folder_is_listed_as_skipped_not_dropped_silently(tmp_path):
+    data = write_digits(tmp_path / "raw", per_class=6)
+    other = write_digits(tmp_path / "other", classes=(7,), per_class=6)
+    (data / "7").symlink_to(other / "7", target_is_directory=True)
+    result = _run(tiny_params(data), tmp_path / "out")
+    assert result.classes == ["0", "1", "2"]
+    reason = "raw/7: a symlinked folder, not followed; copy its images in, or list them in a CSV source"
+    assert any(s.endswith(reason) for s in result.skipped), result.skipped
+
+
+def test_a_file_in_a_format_outside_the_allowlist_is_quarantined_naming_it(tmp_path):
+    data = write_digits(tmp_path / "raw", per_class=6)
+    (data / "1" / "drawing.png").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n")
+    result = _run(tiny_params(data), tmp_path / "out")
+    (entry,) = json.loads((tmp_path / "out" / "quarantine.json").read_text())
+    assert result.n_quarantined == 1 and entry["kind"] == "format not accepted"
+    assert entry["reason"].startswith("EPS is not an accepted image format")

@@ -76,6 +76,7 @@ def server(exported, tmp_path_factory):
     folder = tmp_path_factory.mktemp("serve")
     (folder / "params.yaml").write_text(
         f"validate:\n  max_pixels: {MAX_PIXELS}\nserve:\n  top_k: 2\n  max_images: 4\n  max_upload_mb: 1\n"
+        "  max_decode_mb: 8\n"
     )
     onnx = layout.export / "model.onnx"
     frame = manifest.read(layout.prepare / "manifest.csv")
@@ -166,6 +167,10 @@ def test_bad_input_gets_a_4xx_naming_the_problem_and_the_server_keeps_answering(
     bomb = _png(Image.new("L", (2000, 2000), 0))  # 4 MP in a few KB, over validate.max_pixels
     assert len(bomb) < 100_000
     big = os.urandom(int(1.5 * 2**20))  # over serve.max_upload_mb = 1
+    deep = _png(Image.fromarray(np.zeros((900, 900), dtype=np.uint16)))  # 16-bit: 9.3 MB to decode, over 8
+    gif = io.BytesIO()
+    Image.new("RGB", (16, 16)).save(gif, "GIF")
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\nshowpage\n%%EOF\n"
     image = Path(paths[0]).read_bytes()
 
     def chunked():
@@ -185,6 +190,9 @@ def test_bad_input_gets_a_4xx_naming_the_problem_and_the_server_keeps_answering(
         ("bomb", form(("bomb.png", bomb, "image/png")), 413, "too many pixels"),
         ("bomb as body", body(bomb, "image/png"), 413, "max_pixels"),
         ("over max_upload_mb", body(big, "image/jpeg"), 413, "max_upload_mb"),
+        ("over max_decode_mb", form(("deep.png", deep, "image/png")), 413, "raise serve.max_decode_mb"),
+        ("GIF", form(("anim.gif", gif.getvalue(), "image/gif")), 415, "anim.gif: GIF is not an accepted"),
+        ("EPS as body", body(eps, "image/x-eps"), 415, "EPS is not an accepted image format"),
         ("over max_upload_mb, chunked", body(chunked(), "image/jpeg"), 413, "max_upload_mb"),
         ("multipart over max_upload_mb", form(("big.jpg", big, "image/jpeg")), 413, "max_upload_mb"),
         ("empty body", body(b"", "image/png"), 400, "empty"),
