@@ -60,6 +60,9 @@ def user_errors(command: str) -> Iterator[None]:
 def _run_stage(
     name: str, params_path: Path, root: Path, overrides: list[str] | None = None, **options
 ) -> None:
+    from visiontune.components.runlock import end_with_parent
+
+    end_with_parent()  # under `dvc repro`: a killed dvc leaves no orphan stage behind
     with user_errors(name):
         params = load_params(params_path, parse_overrides(overrides))
         result = stages.STAGES[name](params, stages.Layout(root), **options)

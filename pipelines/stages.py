@@ -77,12 +77,21 @@ def validate(params: Params, layout: Layout):
 
 
 def train(params: Params, layout: Layout, resume: str = "auto"):
-    from visiontune.components import distributed
+    """Train under the output folder's lock (one trainer per folder; torchrun's ranks run under the
+    lock of the process that launched them)."""
+    from visiontune.components import distributed, runlock
     from visiontune.components.train import train as run
 
-    if params.train.nproc > 1 and not distributed.launched():
-        return _torchrun_train(params, layout, resume)
-    return run(params.train, params.model, params.base, layout.prepare, layout.train, layout.cache, resume)
+    if distributed.launched():
+        return run(
+            params.train, params.model, params.base, layout.prepare, layout.train, layout.cache, resume
+        )
+    with runlock.exclusive(layout.train, "train"):
+        if params.train.nproc > 1:
+            return _torchrun_train(params, layout, resume)
+        return run(
+            params.train, params.model, params.base, layout.prepare, layout.train, layout.cache, resume
+        )
 
 
 def _torchrun_train(params: Params, layout: Layout, resume: str):

@@ -135,3 +135,57 @@ def test_a_torn_resume_state_is_one_line_naming_it_and_fresh(project):
     assert "cannot be read" in line and "visiontune train --fresh" in line
     fresh = _train(tmp_path, layout.root, "--fresh")
     assert fresh.returncode == 0 and "resuming" not in fresh.stdout
+
+
+def _holder_pid(lock: Path, deadline: float) -> int:
+    while time.time() < deadline:
+        text = lock.read_text() if lock.exists() else ""
+        if text:
+            return json.loads(text)["pid"]
+        time.sleep(0.05)
+    raise AssertionError(f"{lock} was never written")
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return "\nState:\tZ" in Path(f"/proc/{pid}/status").read_text()  # a zombie nobody reaps yet
+    except FileNotFoundError:
+        return True
+
+
+def test_one_trainer_per_output_folder_and_none_outlives_dvc(project):
+    """A second trainer on the same folder stops at once naming the first; a trainer whose `dvc
+    repro` was killed (SIGKILL: no chance to stop its children) ends by itself, releasing the lock."""
+    from visiontune.components.runlock import exclusive, lock_path
+
+    tmp_path, _, layout = project
+    long_run = [
+        EXE,
+        "train",
+        "--root",
+        str(layout.root),
+        "--set",
+        "train.epochs=500",
+        "--set",
+        "train.patience=500",
+    ]
+    parent = subprocess.Popen(  # stands in for dvc: starts the stage with DVC_STAGE set, then waits
+        [sys.executable, "-c", f"import subprocess; subprocess.run({long_run!r})"],
+        cwd=tmp_path, env={**os.environ, "DVC_STAGE": "train"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    trainer = _holder_pid(lock_path(layout.train), time.time() + 120)
+    second = _train(tmp_path, layout.root)
+    assert second.returncode == 1 and "Traceback" not in second.stderr
+    assert f"another `visiontune train` is writing here (pid {trainer} on " in second.stderr
+    assert f"`kill {trainer}` stops it); wait for it to finish or stop it" in second.stderr
+
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    deadline = time.time() + 30
+    while time.time() < deadline and not _gone(trainer):
+        time.sleep(0.1)
+    assert _gone(trainer), "the trainer outlived its killed parent"
+    assert not (layout.train / "train.json").exists()  # it stopped; it did not finish
+    with exclusive(layout.train, "train"):  # the lock went with the process
+        pass
