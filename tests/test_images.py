@@ -147,3 +147,24 @@ def test_the_decode_budget_refuses_what_can_never_fit_and_queues_what_can(tmp_pa
         assert order == ["wait", "released", "b"] and budget.held == 20 << 20
     finally:
         images._budget = previous
+
+
+def test_a_large_jpeg_decodes_at_a_reduced_scale_close_to_the_full_decode(tmp_path):
+    """A JPEG whose short side is ≥ 4× the input size is decoded at 1/2..1/8 scale: pixels within a
+    few levels of a full decode, and only the reduced image's bytes count against the budget."""
+    from skimage import data
+
+    photo = Image.fromarray(data.astronaut()).resize((2048, 1536), Image.Resampling.BICUBIC)
+    path = _save(photo, tmp_path / "phone.jpg", quality=90)
+    drafted = images.load_resized(path, 64)  # 64 px: decoded at 1/8 (256×192), short side ≥ 2 × 64
+    full = images.resize(images.load_image(path), 64)
+    diff = np.abs(drafted.astype(int) - full.astype(int))
+    assert diff.mean() < 1.0 and diff.max() <= 8
+    previous = images._budget
+    try:  # 2048×1536 RGB needs 48 MB to decode in full; at 1/8 under 1 MB
+        images.set_decode_budget(4, "serve.max_decode_mb")
+        assert images.load_resized(path, 64).shape == (64, 64, 3)
+        with pytest.raises(images.DecodeBudgetError):
+            images.load_image(path)
+    finally:
+        images._budget = previous
