@@ -160,6 +160,32 @@ def _png(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+def test_hostile_files_get_200_or_a_4xx_naming_them_under_concurrent_clients(server):
+    """A sample of bench/hostile_inputs.py's files, 8 clients at once: never a 5xx or a dropped
+    connection, and the server answers afterwards."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from test_hostile import _hostile
+
+    url, _, _ = server
+    files = [f for batch in _hostile().generate(per_category=2, seed=2).values() for f in batch]
+
+    def post(item):
+        name, body = item
+        with httpx.Client(base_url=url, timeout=60) as client:
+            r = client.post("/v1/predict", files=[("file", (name, body, "application/octet-stream"))])
+        return name, r.status_code, r.json()
+
+    with ThreadPoolExecutor(8) as pool:
+        for name, status, body in pool.map(post, files):
+            assert status == 200 or (status in (413, 415, 422) and name in body["detail"]), (
+                name,
+                status,
+                body,
+            )
+    _good(url)
+
+
 def test_bad_input_gets_a_4xx_naming_the_problem_and_the_server_keeps_answering(server):
     url, _, paths = server
     jpeg = io.BytesIO()
