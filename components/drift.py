@@ -33,6 +33,8 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
+from .errors import VisiontuneError, reading
+
 FORMAT = 1  # version of the .npz layout
 MAX_COMPONENTS = 128  # PCA size cap: power rose from 8 to 128 axes, level held (bench/drift.py --components)
 MAX_REFERENCE = 1000  # reference images kept: the kernel matrix grows with (reference + window)²
@@ -91,11 +93,17 @@ class Reference:
 
     @classmethod
     def load(cls, path: Path) -> Reference:
-        """Read a reference written by `save` (allow_pickle=False)."""
-        with np.load(path, allow_pickle=False) as z:
+        """Read a reference written by `save` (allow_pickle=False); a torn one is one line."""
+        with (
+            reading(path, "drift reference", "export the model again (`visiontune export`)"),
+            np.load(path, allow_pickle=False) as z,
+        ):
             if int(z["format"]) != FORMAT:
                 found = int(z["format"])
-                raise ValueError(f"{path}: drift reference format {found}; this version reads {FORMAT}")
+                raise VisiontuneError(
+                    f"{path}: drift reference format {found}; this version reads {FORMAT}: export the model "
+                    "again (`visiontune export`)"
+                )
             return cls(
                 mean=z["mean"],
                 components=z["components"],

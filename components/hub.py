@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import VisiontuneError
+from .errors import VisiontuneError, reading
 from .images import sha256_file
 from .metrics import accuracy_text
 
@@ -498,6 +498,13 @@ def check_folder(folder: Path) -> dict[str, int]:
             f"{folder}: not a Hub model folder, {', '.join(missing)} missing{why}; "
             "export a model with weights (train.method full or lora, or linear with train.probe_levels: 0)"
         )
+    from safetensors import safe_open
+
+    fix = "export it again (`visiontune export`)"
+    with reading(folder / CONFIG, "Hub folder's config", fix):
+        json.loads((folder / CONFIG).read_text())["architecture"]
+    with reading(folder / WEIGHTS, "Hub folder's weights", fix), safe_open(folder / WEIGHTS, "pt") as weights:
+        weights.keys()  # the header: a truncated or foreign file fails here
     return folder_files(folder)
 
 

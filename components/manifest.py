@@ -10,6 +10,8 @@ from pathlib import Path
 import pandas as pd
 import pandera.pandas as pa
 
+from .errors import reading
+
 SPLITS = ("train", "val", "test")
 COLUMNS = ["path", "label", "split", "sha256", "phash", "width", "height", "mode"]
 
@@ -50,12 +52,18 @@ def schema(labels: list[str] | None = None) -> pa.DataFrameSchema:
 
 
 def read(path: Path) -> pd.DataFrame:
-    """Read a manifest CSV (strings stay strings: labels like '01' keep their zeros)."""
-    return pd.read_csv(
-        path,
-        dtype={"path": str, "label": str, "split": str, "sha256": str, "phash": str, "mode": str},
-        keep_default_na=False,
-    )
+    """Read a manifest CSV (strings stay strings: labels like '01' keep their zeros); an unreadable
+    one is one line naming it and the fix."""
+    with reading(path, "manifest", "prepare it again (`visiontune prepare`, or `dvc repro -f prepare`)"):
+        frame = pd.read_csv(
+            path,
+            dtype={"path": str, "label": str, "split": str, "sha256": str, "phash": str, "mode": str},
+            keep_default_na=False,
+        )
+        missing = {"path", "label"} - set(frame.columns)
+        if missing:
+            raise ValueError(f"no column(s) {sorted(missing)}")
+    return frame
 
 
 def write(frame: pd.DataFrame, path: Path) -> None:

