@@ -254,10 +254,11 @@ def prepare_part(files, work: Path) -> tuple[dict[str, Counter], float]:
         Image.fromarray((255 - digits.images[i] * 15).astype(np.uint8)).save(data / "digits" / f"{i}.png")
     script = (
         "import json, sys\n"
+        "from pathlib import Path\n"
         "from visiontune.components.config import load_params\n"
         "from visiontune.pipelines import stages\n"
         f"p = load_params('none.yaml', {{'data.source': {str(data)!r}}}, missing_ok=True)\n"
-        f"r = stages.prepare(p, stages.Layout({str(work / 'prepared')!r}))\n"
+        f"r = stages.prepare(p, stages.Layout(Path({str(work / 'prepared')!r})))\n"
         "print('SKIPPED ' + json.dumps(r.skipped))\n"
     )
     code, out, peak = _run_measured([sys.executable, "-c", script], work)

@@ -59,13 +59,12 @@ def test_missing_model_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "metadata"])
-def test_a_broken_model_file_is_one_line_in_predict_and_serve(trained, tmp_path, damage):
+def test_a_broken_model_file_is_one_line_in_predict_and_serve(exported, tmp_path, damage):
     """A truncated, garbage or foreign-metadata model.onnx ends predict and serve with one line
     naming the file and the fix, not onnxruntime's 40-line traceback."""
     import onnx
 
-    params, layout = trained
-    stages.export(params, layout)
+    _, layout = exported
     good = layout.export / "model.onnx"
     bad = tmp_path / "model.onnx"
     if damage == "truncated":
