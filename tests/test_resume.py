@@ -132,9 +132,7 @@ def test_a_torn_resume_state_is_one_line_naming_it_and_fresh(project):
     assert broken.returncode == 1 and "Traceback" not in broken.stderr, broken.stdout[-1500:]
     line = broken.stderr.strip()
     assert len(line.splitlines()) == 1 and str(path.parent) in line, line
-    assert "cannot be read" in line and "visiontune train --fresh" in line
-    fresh = _train(tmp_path, layout.root, "--fresh")
-    assert fresh.returncode == 0 and "resuming" not in fresh.stdout
+    assert "cannot be read" in line and "visiontune train --fresh" in line  # which starts over: tested above
 
 
 def _holder_pid(lock: Path, deadline: float) -> int:
