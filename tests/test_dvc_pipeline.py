@@ -57,6 +57,7 @@ def repo(tmp_path_factory):
             "data.val_fraction": 0.25,
             "data.test_fraction": 0.25,
             "validate.min_per_class": 3,
+            "validate.label_audit": False,  # tested on its own; here each validate process paid 5 s for it
             "model.image_size": 32,
             "train.epochs": 1,
             "train.batch_size": 16,
