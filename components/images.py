@@ -11,7 +11,7 @@ import io
 import math
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
@@ -198,18 +198,28 @@ def _stream_size(stream: BinaryIO) -> int:
         return -1
 
 
-def load_image(source: ImageSource, max_pixels: int | None = None, name: str | None = None) -> Image.Image:
+def load_image(
+    source: ImageSource, max_pixels: int | None = None, name: str | None = None, then: Callable | None = None
+):
     """Decode an image fully as RGB, EXIF orientation applied; raise ImageDecodeError if unusable.
 
     `source` is a file path, the encoded bytes, or a binary stream (an upload); `name` is what
-    error messages call it (default: the path, or "image").
+    error messages call it (default: the path, or "image"). With `then`, return then(image),
+    computed while the decode's bytes are still held against the decode budget (the full-size
+    image is not kept beyond it).
     """
-    return _decode(source, max_pixels, name, None)
+    return _decode(source, max_pixels, name, None, then)
 
 
-def _decode(source: ImageSource, max_pixels: int | None, name: str | None, size: int | None):
+def _decode(
+    source: ImageSource,
+    max_pixels: int | None,
+    name: str | None,
+    size: int | None,
+    then: Callable | None = None,
+):
     """The header read and checked (format, pixels, the bytes its decode needs against the decode
-    budget), then the decode to RGB and, with `size`, the resize, while its bytes are held."""
+    budget), then the decode to RGB, with `size` the resize, and `then`, while its bytes are held."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         source = io.BytesIO(source)
     path = None if hasattr(source, "read") else Path(source)
@@ -221,8 +231,10 @@ def _decode(source: ImageSource, max_pixels: int | None, name: str | None, size:
             header = f"{img.width}×{img.height} {img.format} {img.mode}"
             with _budget.hold(decode_bytes(img.mode, img.width, img.height), label, header):
                 img.load()  # forces a full decode: truncated files fail here, not later
-                rgb = _to_rgb(ImageOps.exif_transpose(img))
-                return rgb if size is None else resize(rgb, size)
+                out = _to_rgb(ImageOps.exif_transpose(img))
+                if size is not None:
+                    out = resize(out, size)
+                return out if then is None else then(out)
     except ImageDecodeError:
         raise
     except FileNotFoundError:

@@ -143,14 +143,15 @@ def read_csv_source(csv_path: Path, roots: list[Path] | None = None) -> tuple[pd
 
 def _inspect(path: str, max_pixels: int) -> dict:
     try:
-        rgb = load_image(path, max_pixels)  # full decode, readable reasons
-        mode = source_mode(path)
+        # a full decode (readable reasons); the hash computed while the decode budget holds its bytes
+        facts = load_image(path, max_pixels, then=lambda rgb: (perceptual_hash(rgb), *rgb.size))
+        phash, width, height = facts
         return {
             "sha256": sha256_file(Path(path)),
-            "phash": perceptual_hash(rgb),
-            "width": rgb.width,
-            "height": rgb.height,
-            "mode": mode,
+            "phash": phash,
+            "width": width,
+            "height": height,
+            "mode": source_mode(path),
         }
     except (ImageDecodeError, OSError) as exc:
         reason = str(exc).removeprefix(f"{path}: ")
