@@ -371,9 +371,10 @@ def resampled_distance(a: Image.Image, b: Image.Image) -> float:
 
 
 def _each_image(view, paths: list[str], max_pixels: int) -> list:
-    """view(image) of each file, decoded by the project's decoder in threads (Pillow releases the GIL)."""
+    """view(image) of each file, decoded by the project's decoder in threads (Pillow releases the GIL);
+    each view is taken while the decode budget still holds the full-size image's bytes."""
     with ThreadPoolExecutor(max_workers=images.decode_threads()) as pool:
-        return list(pool.map(lambda p: view(images.load_image(p, max_pixels)), paths))
+        return list(pool.map(lambda p: images.load_image(p, max_pixels, then=view), paths))
 
 
 def _thumbnails(paths: list[str], max_pixels: int) -> tuple[np.ndarray, np.ndarray]:
