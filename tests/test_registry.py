@@ -6,6 +6,7 @@ import http.client
 import json
 import math
 import threading
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qsl, urlsplit
 
@@ -253,6 +254,22 @@ class _Forward(BaseHTTPRequestHandler):
         pass
 
 
+@contextmanager
+def _failing(upstream: str, monkeypatch, **failing):
+    """MLFLOW_TRACKING_URI pointed at a _FailingProxy in front of `upstream` while the block runs (MLflow's
+    retries without waiting): (the proxy, its URL)."""
+    proxy = _FailingProxy(upstream, **failing)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{proxy.server_address[1]}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
+    try:
+        yield proxy, url
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+
+
 def test_a_registry_error_during_promotion_is_an_error_and_moves_nothing(
     well_trained, damaged, mlflow_server, monkeypatch, tmp_path
 ):
@@ -270,20 +287,12 @@ def test_a_registry_error_during_promotion_is_an_error_and_moves_nothing(
     assert promote(p.register_, good.prepare).promoted
     v2 = stages.register(p, bad).version
 
-    proxy = _FailingProxy(mlflow_server, failing_alias="champion")
-    threading.Thread(target=proxy.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{proxy.server_address[1]}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")  # a retry, then the error
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
     (tmp_path / "params.yaml").write_text(json.dumps(p.model_dump(by_alias=True)))
-    try:
+    with _failing(mlflow_server, monkeypatch, failing_alias="champion") as (proxy, url):
         out = CliRunner().invoke(
             app, ["promote", "--params", str(tmp_path / "params.yaml"), "--root", str(bad.root)]
         )
-    finally:
-        proxy.shutdown()
-        proxy.server_close()
     assert out.exit_code == 1, out.output
     assert proxy.failed >= 1
     assert url in out.output and "get_model_version_by_alias('guarded', 'champion')" in out.output
@@ -305,20 +314,12 @@ def test_a_registry_error_during_register_is_one_line_and_leaves_no_version(
 
     params, layout = exported
     p = _named(params, "flaky")
-    proxy = _FailingProxy(mlflow_server, failing_post="/registered-models/alias")
-    threading.Thread(target=proxy.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{proxy.server_address[1]}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
     monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)  # visiontune's bound applies
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")  # no waiting in the test
     (tmp_path / "params.yaml").write_text(json.dumps(p.model_dump(by_alias=True)))
-    try:
+    with _failing(mlflow_server, monkeypatch, failing_post="/registered-models/alias") as (proxy, url):
         out = CliRunner().invoke(
             app, ["register", "--params", str(tmp_path / "params.yaml"), "--root", str(layout.root)]
         )
-    finally:
-        proxy.shutdown()
-        proxy.server_close()
     assert out.exit_code == 1 and "Traceback" not in out.output, out.output
     (line,) = [ln for ln in out.output.splitlines() if ln.startswith("visiontune register:")]
     assert url in line and "nothing was registered" in line and "retry `visiontune register`" in line
