@@ -65,7 +65,7 @@ def main() -> None:
             rows = []
             for seed in seeds:
                 work = Path(tmp) / "runs" / f"{name}-{seed}"
-                accuracy = run(source, work, seed, {})[0]
+                accuracy = run(source, work, seed, {}).accuracy
                 logits, y, temperature = checkpoint_test_logits(stages.Layout(work))
                 rows.append((accuracy, scores(logits * temperature, y), scores(logits, y), temperature))
                 raw, calibrated = rows[-1][1:3]

@@ -123,9 +123,9 @@ def _git(*args: str) -> str:
     return done.stdout.strip() if done.returncode == 0 else ""
 
 
-def provenance(command: str) -> dict:
+def provenance(command: str, files: list[str] | None = None) -> dict:
     """Who measured what, where: the command, the commit (and whether the tree had changes), the
-    date, the machine, and the sha256 of every measured file."""
+    date, the machine, and the sha256 of every measured file (`files`, else measured_files())."""
     import platform
 
     import torch
@@ -135,7 +135,7 @@ def provenance(command: str) -> dict:
         cpu = next(
             line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")
         )
-    files = measured_files()
+    files = measured_files() if files is None else files
     dirty = bool(_git("status", "--porcelain", "--", *files))
     return {
         "command": command,

@@ -319,6 +319,13 @@ def _confidence(temperature: float | None) -> str:
     return f"calibrated on the val split: logits divided by {temperature:.3f}, folded into the classifier"
 
 
+def _flips(meta: dict[str, Any], train: dict[str, Any]) -> str:
+    """train.hflip as trained: `auto` resolved, with its reason (older checkpoints: as written)."""
+    if "hflip" not in meta:
+        return str(train["hflip"])
+    return f"{'on' if meta['hflip'] else 'off'} ({meta['hflip_reason']})"
+
+
 def _recipe(meta: dict[str, Any]) -> dict[str, Any]:
     from .config import TrainConfig
 
@@ -338,7 +345,7 @@ def _recipe(meta: dict[str, Any]) -> dict[str, Any]:
         "Regularization": f"weight decay {train['weight_decay']}, label smoothing {train['label_smoothing']}",
         "Confidence": _confidence(meta.get("temperature")),
         "Augmentation": f"crop scale ≥ {train['crop_scale']}, color jitter {train['color_jitter']}, "
-        f"hflip {train['hflip']}, mixup {train['mixup']}, RandAugment ops {train['randaugment']}",
+        f"hflip {_flips(meta, train)}, mixup {train['mixup']}, RandAugment ops {train['randaugment']}",
         "Seed": meta["config"].get("seed"),
     }
     if train["method"] == "lora":

@@ -317,7 +317,7 @@ def _log_run_contents(client, run_id: str, candidate: Candidate, metrics: dict) 
     if train_json.exists():  # what the run was: device, epochs, trainable share, speed
         outcome = json.loads(train_json.read_text())
         keys = ("method", "device", "best_epoch", "epochs_run", "temperature", "trainable_parameters",
-                "trainable_percent")  # fmt: skip
+                "trainable_percent", "image_size_reason", "hflip_reason")  # fmt: skip
         mlflow.log_params({f"result.{k}": outcome[k] for k in keys if k in outcome})
         mlflow.log_metric("train_images_per_s", float(outcome["images_per_s"]))
     for folder, name in (

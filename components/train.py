@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from . import cache, distributed, images, manifest
 from . import metrics as metrics_
+from . import mirror as mirror_
 from . import model as models
 from . import policy as policy_
 from .config import BaseConfig, ModelConfig, TrainConfig
@@ -55,6 +56,9 @@ class TrainResult:
     train_images: int
     image_size: int  # px, as trained (model.image_size resolved)
     image_size_reason: str
+    hflip: bool  # train.hflip resolved
+    hflip_reason: str
+    hflip_kept: float | None  # auto's probe: mirrored ÷ original accuracy; None when train.hflip was set
     device_policy: dict  # precision, memory_format, cudnn_benchmark, fused_optimizer as resolved; reason
     trainable_parameters: int
     total_parameters: int
@@ -371,6 +375,7 @@ class _Run:
     frozen: list[torch.nn.Module]
     prep: models.Preprocessing
     size: models.SizeChoice
+    mirror: mirror_.MirrorChoice  # train.hflip resolved
     class_names: list[str]
     pixels: np.ndarray  # the decoded store
     x_train: np.ndarray  # store rows of the train split
@@ -496,6 +501,11 @@ def _setup(
     )  # decoded once per resolution; epochs read this memory map
     row_of = dict(zip(frame["path"], rows, strict=True))
     y_train = np.array(train_rows["label"].map(index), dtype=np.int64)
+    x_train = np.array([row_of[p] for p in train_rows["path"]], dtype=np.int64)
+    mirror = mirror_.choose_hflip(cfg.hflip, pixels, x_train, y_train, base.seed, str(device))
+    if ctx.decide(mirror.on, device) != mirror.on:  # rank 0's choice holds on every rank
+        mirror = mirror_.MirrorChoice(not mirror.on, f"rank 0's choice ({mirror.reason})", mirror.kept)
+    say(f"horizontal flips {'on' if mirror.on else 'off'} ({mirror.reason})")
     weights = class_weights(y_train, len(class_names)).to(device) if cfg.imbalance == "weights" else None
     optimizer = torch.optim.AdamW(param_groups(model, cfg), fused=policy.fused_optimizer or None)
     steps_per_epoch = max(
@@ -509,9 +519,8 @@ def _setup(
     return _Run(
         ctx=ctx, cfg=cfg, device=device, policy=policy, memory_format=memory_format, autocast=autocast,
         scaler=torch.amp.GradScaler(device.type, enabled=policy.precision == "fp16"),
-        model=model, ddp=model, forward=model, frozen=frozen, prep=prep, size=size, class_names=class_names,
-        pixels=pixels,
-        x_train=np.array([row_of[p] for p in train_rows["path"]], dtype=np.int64), y_train=y_train,
+        model=model, ddp=model, forward=model, frozen=frozen, prep=prep, size=size, mirror=mirror,
+        class_names=class_names, pixels=pixels, x_train=x_train, y_train=y_train,
         x_val=np.array([row_of[p] for p in val_rows["path"]], dtype=np.int64),
         y_val=np.array(val_rows["label"].map(index), dtype=np.int64),
         loss_weights=weights,
@@ -628,7 +637,7 @@ def _training_batch(run: _Run, host: torch.Tensor, mine: np.ndarray, global_size
         chw = batch.permute(0, 3, 1, 2)
         batch = torch.stack([run.randaugment(img) for img in chw]).permute(0, 2, 3, 1)
     part = None if ctx.world == 1 else (ctx.rank, ctx.world, global_size)
-    x = augment(images.unit_tensor(batch), run.gen, cfg.crop_scale, cfg.hflip, cfg.color_jitter, part)
+    x = augment(images.unit_tensor(batch), run.gen, cfg.crop_scale, run.mirror.on, cfg.color_jitter, part)
     x = images.standardize_tensor(x, run.prep.mean, run.prep.std).contiguous(memory_format=run.memory_format)
     return x, torch.from_numpy(run.y_train[mine]).to(run.device, non_blocking=True)
 
@@ -746,6 +755,7 @@ def _finish(run: _Run, progress: _Progress, model_cfg, base, out: Path, stopped_
     meta["best_epoch"] = best["epoch"]
     meta["temperature"] = temperature
     meta["image_size_reason"] = run.size.reason
+    meta["hflip"], meta["hflip_reason"] = run.mirror.on, run.mirror.reason
     meta["device_policy"] = run.policy.as_dict()
     if isinstance(model, models.LevelProbe):
         meta["probe_levels"] = model.levels
@@ -770,6 +780,9 @@ def _finish(run: _Run, progress: _Progress, model_cfg, base, out: Path, stopped_
         train_images=len(run.y_train),
         image_size=run.size.size,
         image_size_reason=run.size.reason,
+        hflip=run.mirror.on,
+        hflip_reason=run.mirror.reason,
+        hflip_kept=run.mirror.kept,
         device_policy=run.policy.as_dict(),
         trainable_parameters=trainable,
         total_parameters=total,

@@ -377,6 +377,9 @@ def summary(root: RootOpt = Path("data/prepared")) -> None:
             f"best epoch {trained['best_epoch']} of {trained['epochs_run']} run ({stop}); "
             f"confidence {confidence}"
         )
+        if "hflip" in trained:
+            flips = f"horizontal flips {'on' if trained['hflip'] else 'off'} ({trained['hflip_reason']})"
+            lines.append(f"  augmentation    {flips}")
     lines.append(f"  loss curves     dvc plots show   (data: {layout.train / 'history.csv'})")
     onnx = layout.export / "model.onnx"
     if onnx.exists():

@@ -202,7 +202,7 @@ def register(params: Params, layout: Layout):
 
 
 def resolved_params(layout: Layout) -> dict[str, int | str | bool]:
-    """What `auto` became in the trained run (the resolution and the device policy), as MLflow
+    """What `auto` became in the trained run (the resolution, the flips and the device policy), as MLflow
     params beside the keys that say auto."""
     import json
 
@@ -210,6 +210,8 @@ def resolved_params(layout: Layout) -> dict[str, int | str | bool]:
     out: dict[str, int | str | bool] = {}
     if "image_size" in trained:
         out["model.resolved_image_size"] = trained["image_size"]
+    if "hflip" in trained:
+        out["train.resolved_hflip"] = trained["hflip"]
     for key, value in trained.get("device_policy", {}).items():
         if key != "reason":
             out[f"train.resolved_{key}"] = value

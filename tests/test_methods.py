@@ -243,7 +243,8 @@ def _watch_run(root: Path, name: str, **options) -> Watch:
             for n, p in built["model"].named_parameters():
                 watch.first_move[n] = float((p.detach() - before[n]).abs().max())
 
-    options = {"epochs": 1, "batch_size": 8, "color_jitter": 0.0, "weight_decay": 0.0, **options}
+    plain = {"epochs": 1, "batch_size": 8, "color_jitter": 0.0, "weight_decay": 0.0, "hflip": False}
+    options = {**plain, **options}
     cfg = TrainConfig(device="cpu", **options)
     pre = register_optimizer_step_pre_hook(before_step)
     post = register_optimizer_step_post_hook(after_step)
