@@ -269,31 +269,22 @@ def changed_since_recorded(record: dict, root: Path = ROOT) -> list[str]:
 
 
 def bench_markdown(name: str, root: Path = ROOT) -> str:
-    """The figures of bench/results/<name>.json as a table, under where and how they were measured."""
+    """The figures of bench/results/<name>.json as a table, under where and how they were measured:
+    checked figures (`figures`, by bench/check.py) or a bench's own table (`table`: columns, rows)."""
     path = root / "bench" / "results" / f"{name}.json"
     if not path.exists():
         return f'!!! warning "Not recorded"\n    `bench/results/{name}.json` does not exist yet.\n'
     record = json.loads(path.read_text())
-    dirty = " plus uncommitted changes" if record.get("uncommitted_changes") else ""
-    lines = []
-    changed = changed_since_recorded(record, root)
-    if changed:
-        shown = ", ".join(f"`{f}`" for f in changed[:8]) + (
-            f" and {len(changed) - 8} more" if len(changed) > 8 else ""
-        )
-        lines += [
-            '!!! warning "Older than the code it measures"',
-            f"    These figures were recorded before {shown} changed. Rerun `{record['command']}`.",
-            "",
-        ]
-    lines += [
-        f"Recorded by `{record['command']}` at commit `{record['commit'][:12]}`{dirty} on "
-        f"{record['date'][:10]}, {record['machine']} (load average {record['load_average'][0]} at the "
-        f"start), in {record['seconds']} s. `make bench-check` reruns them and fails on a regression.",
-        "",
-        "| figure | recorded | target | fails when |",
-        "|---|---:|---:|---|",
-    ]
+    lines = _stale_warning(record, root) + [_provenance_line(record), ""]
+    if "table" in record:
+        columns, rows = record["table"]["columns"], record["table"]["rows"]
+        lines += [f"| {' | '.join(columns)} |", "|" + "---|" * len(columns)]
+        lines += [f"| {' | '.join(row)} |" for row in rows]
+        if record.get("note"):
+            lines += ["", f"{record['note'][0].upper()}{record['note'][1:]}."]
+        return "\n".join(lines) + "\n"
+    lines[-2] += " `make bench-check` reruns them and fails on a regression."
+    lines += ["| figure | recorded | target | fails when |", "|---|---:|---:|---|"]
     for figure in record["figures"].values():
         fmt = figure["fmt"]
         worse = "lower" if figure["better"] == "higher" else "higher"
@@ -303,6 +294,29 @@ def bench_markdown(name: str, root: Path = ROOT) -> str:
             f"| {figure['what']} | {figure['value']:{fmt}} | {target} | {tolerance} {worse} than recorded |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _stale_warning(record: dict, root: Path) -> list[str]:
+    changed = changed_since_recorded(record, root)
+    if not changed:
+        return []
+    shown = ", ".join(f"`{f}`" for f in changed[:8]) + (
+        f" and {len(changed) - 8} more" if len(changed) > 8 else ""
+    )
+    return [
+        '!!! warning "Older than the code it measures"',
+        f"    These figures were recorded before {shown} changed. Rerun `{record['command']}`.",
+        "",
+    ]
+
+
+def _provenance_line(record: dict) -> str:
+    dirty = " plus uncommitted changes" if record.get("uncommitted_changes") else ""
+    return (
+        f"Recorded by `{record['command']}` at commit `{record['commit'][:12]}`{dirty} on "
+        f"{record['date'][:10]}, {record['machine']} (load average {record['load_average'][0]} at the "
+        f"start), in {record['seconds']} s."
+    )
 
 
 # ---- MkDocs events --------------------------------------------------------------------------------

@@ -84,3 +84,25 @@ def test_the_docs_render_the_recorded_figures_and_say_when_the_code_moved_on(tmp
     marked = hooks.on_page_markdown("before\n<!-- bench: check -->\nafter", None, None, None)
     assert "<!-- bench" not in marked and "`make bench-check`" in marked
     assert "<!-- bench: check -->" in (ROOT / "docs" / "benchmarks.md").read_text()
+
+
+def test_a_bench_table_renders_with_its_provenance(tmp_path):
+    record = {
+        "command": "python bench/defaults.py --record", "commit": "fedcba9876543210",
+        "uncommitted_changes": True, "date": "2026-12-08T01:00:00Z", "machine": "2 CPU cores",
+        "load_average": [2.0, 1.0, 1.0], "seconds": 3600, "files": {},
+        "table": {"columns": ["dataset", "shipped"], "rows": [["digits (64 px)", "0.9888 ± 0 / 0.9887"]]},
+        "note": "test accuracy mean ± sd / mean macro F1",
+    }  # fmt: skip
+    (tmp_path / "bench" / "results").mkdir(parents=True)
+    (tmp_path / "bench" / "results" / "defaults.json").write_text(json.dumps(record))
+    page = hooks.bench_markdown("defaults", tmp_path)
+    assert page.splitlines()[:5] == [
+        "Recorded by `python bench/defaults.py --record` at commit `fedcba987654` plus uncommitted changes "
+        "on 2026-12-08, 2 CPU cores (load average 2.0 at the start), in 3600 s.",
+        "",
+        "| dataset | shipped |",
+        "|---|---|",
+        "| digits (64 px) | 0.9888 ± 0 / 0.9887 |",
+    ]
+    assert page.rstrip().endswith("Test accuracy mean ± sd / mean macro F1.") and "bench-check" not in page
