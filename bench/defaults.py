@@ -167,6 +167,16 @@ def table_row(name: str, images: int, outcomes: dict[str, list[Outcome]]) -> lis
     ]
 
 
+def _provenance(datasets: str) -> dict:
+    """bench/check.py's provenance for this bench: the stages' code, params.yaml and these files."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from check import measured_files, provenance
+
+    command = "python bench/defaults.py --record"
+    command += f" --datasets {datasets}" if datasets != SHOWN_DATASETS else ""
+    return provenance(command, sorted(set(measured_files()) - {"bench/check.py"} | {"bench/defaults.py"}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", default=SHOWN_DATASETS, help=f"from {','.join(DATASETS)}")
@@ -183,6 +193,7 @@ def main() -> None:
     extra = dict(kv.split("=", 1) for kv in args.set)
     extra = {k: json.loads(v) if v[:1].isdigit() or v in ("true", "false") else v for k, v in extra.items()}
     started = time.perf_counter()
+    recorded = _provenance(args.datasets) if args.record else {}  # the code as it was when the runs began
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.datasets.split(","):
@@ -196,15 +207,8 @@ def main() -> None:
     for row in rows:
         print(" | ".join(row))
     if args.record:
-        sys.path.insert(0, str(ROOT / "bench"))
-        from check import measured_files, provenance
-
-        command = "python bench/defaults.py --record" + (
-            f" --datasets {args.datasets}" if args.datasets != SHOWN_DATASETS else ""
-        )
-        files = sorted(set(measured_files()) - {"bench/check.py"} | {"bench/defaults.py"})
         record = {
-            **provenance(command, files),
+            **recorded,
             "seconds": round(time.perf_counter() - started),
             "table": {"columns": columns, "rows": rows},
             "note": f"test accuracy mean ± sd over base.seed {args.seeds} (the seed draws the split too) / "
