@@ -40,6 +40,7 @@ def site(tmp_path_factory):
         env={"NO_MKDOCS_2_WARNING": "1", "PATH": str(Path(sys.executable).parent)},
     )
     assert done.returncode == 0, done.stderr[-3000:]
+
     class Quiet(http.server.SimpleHTTPRequestHandler):
         def log_message(self, *args):
             pass
