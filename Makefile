@@ -23,8 +23,10 @@ run: install
 	dvc repro
 	visiontune summary
 
+# two pytest-xdist workers, each taking whole files (a file's module fixtures are built once)
+TEST_WORKERS ?= 2
 test: install
-	python -m pytest
+	python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 # the headline CPU figures rerun and compared with bench/results/check.json (about 8 minutes)
 bench-check: install
