@@ -222,7 +222,7 @@ class TrainConfig(Section):
     hflip: bool | Literal["auto"] = Field(
         "auto",
         description="Random horizontal flips. `auto`: decided from the data before training, on when a "
-        "linear probe on pretrained features, fitted on original training images, keeps at least 97 % of "
+        "linear probe on pretrained features, fitted on original training images, keeps at least 95 % of "
         "its accuracy on mirror images (pictures of objects, faces, textures), off when it does not "
         "(digits, text and other scans whose mirror images change class).",
     )

@@ -462,7 +462,7 @@ def _setup(
     ctx, rank_device, cfg: TrainConfig, model_cfg: ModelConfig, base: BaseConfig, prepared, out, store
 ) -> _Run:
     """The model on its device under the device policy, the decoded store and the split's rows,
-    the optimizer and the schedule's lengths."""
+    the flips decided (train.hflip), the optimizer and the schedule's lengths."""
     say = tqdm.write if ctx.main else (lambda *_: None)
     manifest_path = prepared / "manifest.csv"
     frame = manifest.read(manifest_path)

@@ -105,3 +105,10 @@ def test_the_decision_and_its_reason_are_recorded_everywhere(tmp_path, kind):
     assert f"augmentation    horizontal flips {flips} ({trained['hflip_reason']})" in summary
     assert f"hflip {flips} ({trained['hflip_reason']})" in hub._recipe(meta)["Augmentation"]
     assert stages.resolved_params(layout)["train.resolved_hflip"] is trained["hflip"]
+
+
+def test_the_parameter_reference_states_the_threshold_the_code_uses():
+    from visiontune.components.config import TrainConfig
+
+    description = TrainConfig.model_fields["hflip"].description
+    assert f"at least {100 * mirror.MIN_KEPT:g} % of its accuracy" in description
