@@ -79,8 +79,8 @@ def test_too_few_images_to_probe_leave_flips_off():
 
 @pytest.mark.parametrize("kind", ["digits", "photos"])
 def test_the_decision_and_its_reason_are_recorded_everywhere(tmp_path, kind):
-    """train.json, the checkpoint, `visiontune summary`, the model card and MLflow's resolved params
-    all carry the same decision: off for digits, on for photos of objects."""
+    """train.json, the checkpoint, `visiontune summary`, the model card and the resolved params that
+    register logs to MLflow all carry the same decision: off for digits, on for photos of objects."""
     from visiontune.pipelines import stages
     from visiontune.pipelines.cli import app
 
