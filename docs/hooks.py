@@ -275,16 +275,20 @@ def bench_markdown(name: str, root: Path = ROOT) -> str:
     if not path.exists():
         return f'!!! warning "Not recorded"\n    `bench/results/{name}.json` does not exist yet.\n'
     record = json.loads(path.read_text())
-    lines = _stale_warning(record, root) + [_provenance_line(record), ""]
+    lines = _stale_warning(record, root)
     if "table" in record:
         columns, rows = record["table"]["columns"], record["table"]["rows"]
-        lines += [f"| {' | '.join(columns)} |", "|" + "---|" * len(columns)]
+        lines += [_provenance_line(record), "", f"| {' | '.join(columns)} |", "|" + "---|" * len(columns)]
         lines += [f"| {' | '.join(row)} |" for row in rows]
         if record.get("note"):
             lines += ["", f"{record['note'][0].upper()}{record['note'][1:]}."]
         return "\n".join(lines) + "\n"
-    lines[-2] += " `make bench-check` reruns them and fails on a regression."
-    lines += ["| figure | recorded | target | fails when |", "|---|---:|---:|---|"]
+    lines += [
+        _provenance_line(record) + " `make bench-check` reruns them and fails on a regression.",
+        "",
+        "| figure | recorded | target | fails when |",
+        "|---|---:|---:|---|",
+    ]
     for figure in record["figures"].values():
         fmt = figure["fmt"]
         worse = "lower" if figure["better"] == "higher" else "higher"

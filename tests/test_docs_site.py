@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from test_serve_page import CHROMEDRIVER, CHROMIUM, WAIT_S
+from test_serve_page import CHROMEDRIVER, CHROMIUM, WAIT_S, _driver
 
 ROOT = Path(__file__).resolve().parents[1]
 DIAGRAM_PAGES = sorted(
@@ -51,19 +51,6 @@ def site(tmp_path_factory):
     server.shutdown()
 
 
-def _offline_driver():
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
-        options.add_argument(flag)
-    # no name resolves but loopback, so nothing outside this machine can be fetched
-    options.add_argument("--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1")
-    return webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
-
-
 def test_the_pages_with_diagrams_are_found():
     assert {"index", "design", "serving"} <= set(DIAGRAM_PAGES)
 
@@ -72,7 +59,8 @@ def test_every_diagram_renders_offline_from_the_site_itself(site):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    driver = _offline_driver()
+    # no name resolves but loopback, so nothing outside this machine can be fetched
+    driver = _driver("--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1")
     try:
         for page in DIAGRAM_PAGES:
             driver.get(f"{site}/" if page == "index" else f"{site}/{page}/")
